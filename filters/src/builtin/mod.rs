@@ -1,0 +1,6 @@
+//! The built-in filter kinds. Each module holds one kind: its typed config, its build function
+//! and its filter.
+
+pub mod cors;
+pub mod headers;
+pub mod request_limits;

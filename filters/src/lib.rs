@@ -1,0 +1,148 @@
+//! The caregate filter contract and the built-in filters.
+//!
+//! A route runs a chain of [`Filter`]s. The gateway calls, for every request:
+//!
+//! ```text
+//! request_filter        (route order; the first Decision::Respond ends the phase)
+//! request_body_filter   (route order, per body chunk, once an upstream is connected)
+//! upstream_request_filter (route order, on the copy of the request that goes upstream)
+//! response_filter       (REVERSE route order; also on local replies)
+//! response_body_filter  (REVERSE route order, per chunk)
+//! logging               (route order, always — after a local reply or an error too)
+//! ```
+//!
+//! Filters never see Pingora's `Session` and never call each other: they read and write facts in
+//! [`RequestCtx`]. Every hook has a no-op default, so a filter implements only what it needs.
+//! Filters are built once from typed config by the [`registry`] and are immutable; per-request
+//! state lives only in the ctx.
+#![forbid(unsafe_code)]
+
+pub mod builtin;
+pub mod ctx;
+pub mod registry;
+pub mod reply;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+pub use ctx::{Channel, FactError, Facts, RequestCtx};
+pub use pingora_http::{RequestHeader, ResponseHeader};
+pub use registry::{BuildError, FilterRegistry, FilterSpec};
+pub use reply::{LocalReply, ReplyBody};
+use serde::Deserialize;
+
+/// What a request-side hook decided.
+#[must_use]
+#[derive(Debug)]
+pub enum Decision {
+    /// Go on with the next filter (and, at the end of the chain, upstream).
+    Continue,
+    /// Answer the client locally with this reply; no later filter's request hook runs and nothing
+    /// goes upstream.
+    Respond(LocalReply),
+}
+
+/// An internal failure of a filter ("something broke", never "policy said no": that is
+/// [`Decision::Respond`]). The gateway answers it with a 500 `internal_error` whose body names
+/// nothing but the reason code; the message goes to the error log, so it must never carry PHI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterError {
+    pub filter: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for FilterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "filter {}: {}", self.filter, self.message)
+    }
+}
+
+impl std::error::Error for FilterError {}
+
+pub type Result<T> = std::result::Result<T, FilterError>;
+
+/// How a policy filter acts on a would-be denial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Denials are answered.
+    #[default]
+    Enforce,
+    /// Denials are counted (`result="shadow_deny"`) and the request goes on.
+    Shadow,
+    /// The filter does not run at all.
+    Off,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::Off => "off",
+        }
+    }
+}
+
+/// A filter module. See the crate documentation for when each hook runs.
+#[async_trait]
+pub trait Filter: Send + Sync + 'static {
+    /// The filter's kind, as written in config (`kind: cors`): the `filter` label of
+    /// `caregate_filter_decisions_total`.
+    fn kind(&self) -> &'static str;
+
+    /// The filter's mode; the gateway applies it to every [`Decision::Respond`] the filter
+    /// returns (shadow: counted, not answered; off: the filter is skipped).
+    fn mode(&self) -> Mode {
+        Mode::Enforce
+    }
+
+    /// Runs on the request header, after request hygiene and route match. `req` is the
+    /// normalised request: what this hook sees is what goes upstream.
+    async fn request_filter(
+        &self,
+        _req: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Decision> {
+        Ok(Decision::Continue)
+    }
+
+    /// Runs per request body chunk once an upstream is connected. `Respond` here ends the
+    /// exchange with the reply's status (the upstream may already have seen part of the body).
+    fn request_body_filter(
+        &self,
+        _chunk: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Decision> {
+        Ok(Decision::Continue)
+    }
+
+    /// Runs on the copy of the request header sent upstream (after the gateway set the verified
+    /// identity headers, request id and forwarding headers).
+    async fn upstream_request_filter(
+        &self,
+        _req: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs on the response header going downstream, in reverse route order, for upstream
+    /// responses and for local replies alike.
+    fn response_filter(&self, _resp: &mut ResponseHeader, _ctx: &mut RequestCtx) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs per response body chunk, in reverse route order.
+    fn response_body_filter(
+        &self,
+        _chunk: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs once at the end of every request, whatever happened.
+    fn logging(&self, _ctx: &RequestCtx) {}
+}

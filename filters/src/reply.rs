@@ -1,0 +1,68 @@
+//! Local replies: what a filter answers instead of going upstream.
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use std::borrow::Cow;
+
+/// What the body of a local reply is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// The error contract's body: a FHIR `OperationOutcome` on FHIR routes, RFC 9457
+    /// `application/problem+json` elsewhere, with the reason code and request id. The gateway
+    /// renders it; filters never write error bodies themselves.
+    Error,
+    /// No body (`Content-Length: 0`), e.g. a CORS preflight answer.
+    Empty,
+}
+
+/// A reply the gateway writes on a filter's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: StatusCode,
+    /// Stable snake_case reason code (`route_not_found`, `payload_too_large`, ...): what clients,
+    /// metrics and the audit trail key on.
+    pub reason: &'static str,
+    /// A short human explanation. It goes into the error body, so it must never carry PHI,
+    /// token contents or upstream error text.
+    pub detail: Cow<'static, str>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: ReplyBody,
+}
+
+impl LocalReply {
+    /// An error reply with the error contract's body.
+    pub fn error(
+        status: StatusCode,
+        reason: &'static str,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        LocalReply {
+            status,
+            reason,
+            detail: detail.into(),
+            headers: Vec::new(),
+            body: ReplyBody::Error,
+        }
+    }
+
+    /// A reply without a body.
+    pub fn empty(status: StatusCode, reason: &'static str) -> Self {
+        LocalReply {
+            status,
+            reason,
+            detail: Cow::Borrowed(""),
+            headers: Vec::new(),
+            body: ReplyBody::Empty,
+        }
+    }
+
+    /// Add a response header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Whether this reply refuses the request (any 4xx/5xx).
+    pub fn is_denial(&self) -> bool {
+        self.status.is_client_error() || self.status.is_server_error()
+    }
+}

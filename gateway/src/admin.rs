@@ -1,0 +1,145 @@
+//! The admin listener: the gateway's own small HTTP app.
+//!
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once every pool has had its first health-check pass, 503 before.
+//! - `GET /metrics`: the Prometheus text of the default registry.
+//! - `POST /sandbox/{name}/outage` and `POST /sandbox/{name}/restore`: switch a built-in
+//!   sandbox backend into a simulated outage and back (demo and tests).
+//!
+//! Bound to loopback by default. With `admin.token` set, every path but `/healthz` and
+//! `/readyz` (the orchestrator's probes) needs `Authorization: Bearer <token>`.
+
+use crate::sandbox_server::SandboxControl;
+use crate::upstream::Readiness;
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{Encoder, TextEncoder};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct AdminApp {
+    pub readiness: Arc<Readiness>,
+    pub token: Option<String>,
+    pub sandboxes: HashMap<String, Arc<SandboxControl>>,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn plain(status: u16, body: &str) -> Response<Vec<u8>> {
+    reply(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes().to_vec(),
+    )
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AdminApp {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        same(presented.as_bytes(), token.as_bytes())
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/healthz") => return plain(200, "ok\n"),
+            ("GET", "/readyz") => {
+                return if self.readiness.ready() {
+                    plain(200, "ready\n")
+                } else {
+                    plain(
+                        503,
+                        "not ready: upstream health checks have not completed\n",
+                    )
+                }
+            }
+            _ => {}
+        }
+        if !self.authorized(session) {
+            let mut r = plain(401, "unauthorized\n");
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"caregate-admin\""),
+            );
+            return r;
+        }
+        if method == http::Method::GET && path == "/metrics" {
+            let encoder = TextEncoder::new();
+            let mut buf = Vec::new();
+            return match encoder.encode(&prometheus::gather(), &mut buf) {
+                Ok(()) => reply(200, encoder.format_type(), buf),
+                Err(_) => plain(500, "metrics encoding failed\n"),
+            };
+        }
+        if let Some(rest) = path.strip_prefix("/sandbox/") {
+            if method != http::Method::POST {
+                return plain(405, "use POST\n");
+            }
+            let (name, action) = rest.split_once('/').unwrap_or((rest, ""));
+            let Some(control) = self.sandboxes.get(name) else {
+                return plain(404, "no such sandbox\n");
+            };
+            return match action {
+                "outage" => {
+                    control.set_down(true);
+                    plain(200, "sandbox down: its listener is closed\n")
+                }
+                "restore" => {
+                    control.set_down(false);
+                    plain(200, "sandbox restored\n")
+                }
+                _ => plain(404, "unknown action (outage|restore)\n"),
+            };
+        }
+        plain(404, "not found\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,126 @@
+//! The gateway's Prometheus metrics (default registry, served on the admin listener).
+//!
+//! Labels are bounded: listener, route, method (known methods or `OTHER`), status class, pool,
+//! zone, backend (configured addresses only), filter, result, reason code. Never a path, a
+//! patient id, a user id or a token.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
+};
+
+/// Buckets for a proxy: sub-millisecond to tens of seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+// The registration of a well-formed, uniquely named metric cannot fail; `expect` documents that
+// this happens once, at start-up, and never on a request.
+#[allow(clippy::expect_used)]
+pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_requests_total",
+        "Requests answered, by listener, route, method and status class.",
+        &["listener", "route", "method", "status_class"]
+    )
+    .expect("register caregate_requests_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "caregate_request_duration_seconds",
+        "Time from request header to the end of the response, by listener and route.",
+        &["listener", "route"],
+        BUCKETS.to_vec()
+    )
+    .expect("register caregate_request_duration_seconds")
+});
+
+#[allow(clippy::expect_used)]
+pub static UPSTREAM_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "caregate_upstream_duration_seconds",
+        "Time from connecting to the backend to its response header, by pool and zone.",
+        &["pool", "zone"],
+        BUCKETS.to_vec()
+    )
+    .expect("register caregate_upstream_duration_seconds")
+});
+
+#[allow(clippy::expect_used)]
+pub static BACKEND_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "caregate_upstream_backend_healthy",
+        "1 when the backend passes its health check, 0 when not.",
+        &["pool", "zone", "backend"]
+    )
+    .expect("register caregate_upstream_backend_healthy")
+});
+
+#[allow(clippy::expect_used)]
+pub static FAILOVERS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_upstream_failovers_total",
+        "Requests sent to a lower-priority zone than the first one tried, by pool and zones.",
+        &["pool", "from_zone", "to_zone"]
+    )
+    .expect("register caregate_upstream_failovers_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static RETRIES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_upstream_retries_total",
+        "Upstream attempts retried, by pool, zone of the failed attempt and kind (connect|proxy).",
+        &["pool", "zone", "kind"]
+    )
+    .expect("register caregate_upstream_retries_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static FILTER_DECISIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_filter_decisions_total",
+        "Decisions of filters and of the gateway's own checks, by filter, result and reason code.",
+        &["filter", "result", "reason"]
+    )
+    .expect("register caregate_filter_decisions_total")
+});
+
+/// Touch every metric so that each family is present from the first scrape.
+pub fn init() {
+    Lazy::force(&REQUESTS);
+    Lazy::force(&REQUEST_DURATION);
+    Lazy::force(&UPSTREAM_DURATION);
+    Lazy::force(&BACKEND_HEALTHY);
+    Lazy::force(&FAILOVERS);
+    Lazy::force(&RETRIES);
+    Lazy::force(&FILTER_DECISIONS);
+}
+
+/// The method label: one of the standard methods, or `OTHER`.
+pub fn method_label(m: &str) -> &'static str {
+    match m {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

@@ -1,0 +1,771 @@
+//! The `ProxyHttp` implementation: request hygiene, routing, the filter chain, zone failover
+//! and the one place where errors become responses.
+
+use crate::errors;
+use crate::hygiene;
+use crate::metrics;
+use crate::router::{request_host, Route, RouteMatch, RouteTable};
+use crate::upstream::Pool;
+use async_trait::async_trait;
+use bytes::Bytes;
+use caregate_filters::ctx::DecisionRecord;
+use caregate_filters::{Channel, Decision, LocalReply, Mode, ReplyBody, RequestCtx};
+use http::{header, HeaderValue, StatusCode};
+use ipnet::IpNet;
+use pingora::http::ResponseHeader;
+use pingora::prelude::{HttpPeer, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One listener's proxy: its own route table over the shared pools.
+pub struct Gateway {
+    pub listener: Arc<str>,
+    pub channel: Channel,
+    pub tls: bool,
+    pub table: RouteTable,
+    pub pools: Arc<Vec<Arc<Pool>>>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub keepalive_seconds: u64,
+    pub max_header_bytes: usize,
+}
+
+/// Per-request state of the gateway (the filters' part is `req`).
+pub struct Ctx {
+    pub req: RequestCtx,
+    route: Option<Arc<Route>>,
+    /// How many filters' request hooks ran (response hooks run for exactly those).
+    filters_ran: usize,
+    tried: Vec<SocketAddr>,
+    attempts: usize,
+    current: Option<(usize, SocketAddr)>,
+    connected_at: Option<Instant>,
+    /// A reply decided during the body phase or upstream selection, rendered by fail_to_proxy.
+    pending: Option<LocalReply>,
+    forwarded_for: String,
+    forwarded_proto: &'static str,
+    forwarded_host: Option<String>,
+}
+
+const BODY_LIMIT_FOR_CLOSE: u64 = 0;
+
+impl Gateway {
+    fn reply_for_error(&self, e: &Error, ctx: &mut Ctx) -> Option<LocalReply> {
+        if let Some(r) = ctx.pending.take() {
+            return Some(r);
+        }
+        let r = match e.etype() {
+            ErrorType::HTTPStatus(code) => {
+                let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY);
+                let reason = match code {
+                    400 => "bad_request",
+                    413 => "payload_too_large",
+                    503 => "no_healthy_upstream",
+                    504 => "upstream_timeout",
+                    _ => "upstream_error",
+                };
+                LocalReply::error(status, reason, "")
+            }
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                LocalReply::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream service did not answer in time",
+                )
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => LocalReply::error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "the upstream service failed",
+                ),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        return None
+                    }
+                    _ => LocalReply::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "the request could not be read",
+                    ),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => LocalReply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the gateway failed to process the request",
+                ),
+            },
+        };
+        Some(r)
+    }
+
+    /// Write a local reply: the error contract's body, the reply's headers, the response hooks
+    /// of the filters that ran, then header and body.
+    async fn send_reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        reply: LocalReply,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(reply.status, Some(8))?;
+        let body = match reply.body {
+            ReplyBody::Error => {
+                let (ct, body) = errors::render(
+                    ctx.req.fhir_route,
+                    reply.status.as_u16(),
+                    reply.reason,
+                    &reply.detail,
+                    &ctx.req.request_id,
+                );
+                resp.insert_header(header::CONTENT_TYPE, ct)?;
+                resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                Bytes::from(body)
+            }
+            ReplyBody::Empty => Bytes::new(),
+        };
+        for (name, value) in reply.headers {
+            resp.append_header(name, value)?;
+        }
+        resp.set_content_length(body.len())?;
+        self.run_response_hooks(&mut resp, ctx)?;
+        set_request_id(&mut resp, &ctx.req.request_id);
+        if request_has_body(session) || reply.status.is_server_error() {
+            // Never leave an unread body (or a doubtful connection) to be parsed as the next
+            // request.
+            session.set_keepalive(None);
+        }
+        let head = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(resp), head || body.is_empty())
+            .await?;
+        if !head && !body.is_empty() {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    fn run_response_hooks(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        if let Some(route) = ctx.route.clone() {
+            for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
+                .iter()
+                .rev()
+            {
+                if f.mode() == Mode::Off {
+                    continue;
+                }
+                f.response_filter(resp, &mut ctx.req).map_err(|e| {
+                    Error::explain(ErrorType::InternalError, format!("response hook: {e}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_gateway_denial(ctx: &mut Ctx, reason: &'static str) {
+        metrics::FILTER_DECISIONS
+            .with_label_values(&["gateway", "deny", reason])
+            .inc();
+        ctx.req.decisions.push(DecisionRecord {
+            filter: "gateway",
+            result: "deny",
+            reason,
+        });
+    }
+
+    /// Request hygiene and routing. Returns a reply when the request is refused.
+    fn prepare(&self, session: &mut Session, ctx: &mut Ctx) -> Option<LocalReply> {
+        let peer: Option<IpAddr> = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let peer_trusted = peer
+            .map(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
+            .unwrap_or(false);
+
+        let req = session.req_header();
+        ctx.req.method = req.method.as_str().to_string();
+        ctx.req.request_id = hygiene::accept_request_id(
+            req.headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+        )
+        .unwrap_or_else(hygiene::new_request_id);
+
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let host = request_host(
+            req.headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+            req.uri.host(),
+        );
+        let raw_path = req.uri.path().to_string();
+        let query = req.uri.query().map(str::to_string);
+
+        // The flavour of early errors follows the route the raw path would have reached.
+        if let RouteMatch::Found(r) | RouteMatch::MethodNotAllowed(r) =
+            self.table
+                .lookup(host.as_deref(), &raw_path, &ctx.req.method)
+        {
+            ctx.req.fhir_route = r.fhir;
+        }
+        if header_bytes > self.max_header_bytes {
+            Self::record_gateway_denial(ctx, "header_too_large");
+            return Some(LocalReply::error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+                "the request header section is too large",
+            ));
+        }
+
+        // Forwarding facts, from the headers as they came (believed only from trusted proxies).
+        let xff_in = if peer_trusted {
+            req.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        } else {
+            None
+        };
+        ctx.req.client_addr = hygiene::real_client(peer, xff_in.as_deref(), &self.trusted_proxies);
+        ctx.forwarded_for = match (&xff_in, peer) {
+            (Some(x), Some(p)) => format!("{x}, {p}"),
+            (None, Some(p)) => p.to_string(),
+            (Some(x), None) => x.clone(),
+            (None, None) => String::new(),
+        };
+        let proto_in = if peer_trusted {
+            req.headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| *v == "https" || *v == "http")
+                .map(|v| if v == "https" { "https" } else { "http" })
+        } else {
+            None
+        };
+        ctx.forwarded_proto = proto_in.unwrap_or(if self.tls { "https" } else { "http" });
+        let host_in = if peer_trusted {
+            req.headers
+                .get("x-forwarded-host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        } else {
+            None
+        };
+        ctx.forwarded_host = host_in.or_else(|| {
+            req.headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+
+        hygiene::strip_untrusted_headers(session.req_header_mut(), peer_trusted);
+
+        let path = match hygiene::normalize_path(&raw_path) {
+            Ok(p) => p,
+            Err(e) => {
+                Self::record_gateway_denial(ctx, "bad_path");
+                return Some(LocalReply::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    e.detail(),
+                ));
+            }
+        };
+        let route = match self.table.lookup(host.as_deref(), &path, &ctx.req.method) {
+            RouteMatch::Found(r) => r.clone(),
+            RouteMatch::MethodNotAllowed(r) => {
+                ctx.req.fhir_route = r.fhir;
+                Self::record_gateway_denial(ctx, "method_not_allowed");
+                let allow = r.methods.join(", ");
+                let mut reply = LocalReply::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "this method is not allowed on this route",
+                );
+                if let Ok(v) = HeaderValue::from_str(&allow) {
+                    reply = reply.with_header(header::ALLOW, v);
+                }
+                return Some(reply);
+            }
+            RouteMatch::NotFound => {
+                ctx.req.fhir_route = false;
+                Self::record_gateway_denial(ctx, "route_not_found");
+                return Some(LocalReply::error(
+                    StatusCode::NOT_FOUND,
+                    "route_not_found",
+                    "no route serves this path on this listener",
+                ));
+            }
+        };
+        ctx.req.fhir_route = route.fhir;
+        ctx.req.route = Some(route.name.clone());
+        if route.fhir && (path.contains(';') || path.contains("%3B")) {
+            Self::record_gateway_denial(ctx, "bad_path");
+            return Some(LocalReply::error(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "path parameters (';') are not allowed on FHIR routes",
+            ));
+        }
+        // From here on the session's request carries the normalised path: what the filters
+        // judge is what goes upstream.
+        let uri = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        match http::Uri::try_from(uri.as_str()) {
+            Ok(u) => session.req_header_mut().set_uri(u),
+            Err(_) => {
+                Self::record_gateway_denial(ctx, "bad_path");
+                return Some(LocalReply::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    "invalid request target",
+                ));
+            }
+        }
+        ctx.req.path = path;
+        ctx.req.query = query.unwrap_or_default();
+        ctx.route = Some(route);
+        None
+    }
+}
+
+fn request_has_body(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|n| n > BODY_LIMIT_FOR_CLOSE)
+        .unwrap_or(false)
+}
+
+fn set_request_id(resp: &mut ResponseHeader, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        let _ = resp.insert_header("x-request-id", v);
+    }
+}
+
+fn count_decision(
+    filter: &'static str,
+    result: &'static str,
+    reason: &'static str,
+    ctx: &mut RequestCtx,
+) {
+    metrics::FILTER_DECISIONS
+        .with_label_values(&[filter, result, reason])
+        .inc();
+    ctx.decisions.push(DecisionRecord {
+        filter,
+        result,
+        reason,
+    });
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            req: RequestCtx::new(self.listener.clone(), self.channel),
+            route: None,
+            filters_ran: 0,
+            tried: Vec::new(),
+            attempts: 0,
+            current: None,
+            connected_at: None,
+            pending: None,
+            forwarded_for: String::new(),
+            forwarded_proto: "http",
+            forwarded_host: None,
+        }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        if self.keepalive_seconds > 0 {
+            session.set_keepalive(Some(self.keepalive_seconds));
+        }
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Some(reply) = self.prepare(session, ctx) {
+            self.send_reply(session, ctx, reply).await?;
+            return Ok(true);
+        }
+        let Some(route) = ctx.route.clone() else {
+            return Ok(false);
+        };
+        for (i, f) in route.filters.iter().enumerate() {
+            let mode = f.mode();
+            if mode == Mode::Off {
+                continue;
+            }
+            ctx.filters_ran = i + 1;
+            let decision = f
+                .request_filter(session.req_header_mut(), &mut ctx.req)
+                .await;
+            match decision {
+                Ok(Decision::Continue) => {}
+                Ok(Decision::Respond(reply)) => {
+                    if reply.is_denial() && mode == Mode::Shadow {
+                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
+                        continue;
+                    }
+                    let result = if reply.is_denial() { "deny" } else { "answer" };
+                    count_decision(f.kind(), result, reply.reason, &mut ctx.req);
+                    self.send_reply(session, ctx, reply).await?;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    log::error!(
+                        "request {}: filter {} failed: {e}",
+                        ctx.req.request_id,
+                        f.kind()
+                    );
+                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
+                    let reply = LocalReply::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "the gateway failed to process the request",
+                    );
+                    self.send_reply(session, ctx, reply).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
+            let mode = f.mode();
+            if mode == Mode::Off {
+                continue;
+            }
+            match f.request_body_filter(body, end_of_stream, &mut ctx.req) {
+                Ok(Decision::Continue) => {}
+                Ok(Decision::Respond(reply)) => {
+                    if reply.is_denial() && mode == Mode::Shadow {
+                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
+                        continue;
+                    }
+                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
+                    let status = reply.status.as_u16();
+                    ctx.pending = Some(reply);
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(status),
+                        "refused by a body filter",
+                    );
+                }
+                Err(e) => {
+                    return Error::e_explain(ErrorType::InternalError, format!("body filter: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route");
+        };
+        let Some(pool) = self.pools.get(route.pool) else {
+            return Error::e_explain(ErrorType::InternalError, "route pool missing");
+        };
+        match pool.pick(&ctx.tried) {
+            Some(pick) => {
+                ctx.attempts += 1;
+                ctx.current = Some((pick.zone, pick.addr));
+                Ok(pool.peer(pick.addr))
+            }
+            None => {
+                ctx.pending = Some(
+                    LocalReply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_healthy_upstream",
+                        "no healthy backend is available in any zone",
+                    )
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("5")),
+                );
+                Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream")
+            }
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let Some((zone, addr)) = ctx.current.take() else {
+            return e;
+        };
+        ctx.tried.push(addr);
+        let Some(pool) = ctx.route.as_ref().and_then(|r| self.pools.get(r.pool)) else {
+            return e;
+        };
+        // Nothing was sent: any method may go to another backend, while attempts remain and
+        // another backend exists.
+        if ctx.attempts < pool.max_attempts && pool.pick(&ctx.tried).is_some() {
+            let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+            metrics::RETRIES
+                .with_label_values(&[&*pool.name, zone_name, "connect"])
+                .inc();
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let pool = ctx
+            .route
+            .as_ref()
+            .and_then(|r| self.pools.get(r.pool))
+            .cloned();
+        let current = ctx.current.take();
+        if let Some((_, addr)) = current {
+            ctx.tried.push(addr);
+        }
+        // After bytes were sent: only idempotent methods, only with the whole body buffered,
+        // never once a response header went downstream, and within the attempt budget.
+        let attempts_left = pool
+            .as_ref()
+            .map(|p| ctx.attempts < p.max_attempts && p.pick(&ctx.tried).is_some())
+            .unwrap_or(false);
+        if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+            || session.response_written().is_some()
+            || !attempts_left
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+            if e.retry() {
+                if let (Some(pool), Some((zone, _))) = (pool, current) {
+                    let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+                    metrics::RETRIES
+                        .with_label_values(&[&*pool.name, zone_name, "proxy"])
+                        .inc();
+                }
+            }
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.connected_at = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        let path = route.upstream_path(&ctx.req.path);
+        let uri = if ctx.req.query.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", ctx.req.query)
+        };
+        let uri = http::Uri::try_from(uri.as_str())
+            .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
+        upstream_request.set_uri(uri);
+        upstream_request.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        if !ctx.forwarded_for.is_empty() {
+            upstream_request.insert_header("x-forwarded-for", ctx.forwarded_for.as_str())?;
+        }
+        upstream_request.insert_header("x-forwarded-proto", ctx.forwarded_proto)?;
+        if let Some(h) = &ctx.forwarded_host {
+            if let Ok(v) = HeaderValue::from_str(h) {
+                upstream_request.insert_header("x-forwarded-host", v)?;
+            }
+        }
+        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
+            if f.mode() == Mode::Off {
+                continue;
+            }
+            f.upstream_request_filter(upstream_request, &mut ctx.req)
+                .await
+                .map_err(|e| {
+                    Error::explain(
+                        ErrorType::InternalError,
+                        format!("upstream request hook: {e}"),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(at), Some((zone, _)), Some(route)) =
+            (ctx.connected_at, ctx.current, &ctx.route)
+        {
+            if let Some(pool) = self.pools.get(route.pool) {
+                let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+                metrics::UPSTREAM_DURATION
+                    .with_label_values(&[&*pool.name, zone_name])
+                    .observe(at.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.run_response_hooks(upstream_response, ctx)?;
+        set_request_id(upstream_response, &ctx.req.request_id);
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(route) = ctx.route.clone() {
+            for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
+                .iter()
+                .rev()
+            {
+                if f.mode() == Mode::Off {
+                    continue;
+                }
+                f.response_body_filter(body, end_of_stream, &mut ctx.req)
+                    .map_err(|e| {
+                        Error::explain(ErrorType::InternalError, format!("response body hook: {e}"))
+                    })?;
+            }
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let reply = self.reply_for_error(e, ctx);
+        let code = match reply {
+            Some(reply) => {
+                let code = reply.status.as_u16();
+                if session.response_written().is_none() {
+                    if let Err(we) = self.send_reply(session, ctx, reply).await {
+                        log::warn!(
+                            "request {}: could not send the error reply: {we}",
+                            ctx.req.request_id
+                        );
+                    }
+                }
+                code
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        // Never the path or query: they can carry patient identifiers.
+        format!(
+            "{} listener={} route={} request_id={}",
+            metrics::method_label(session.req_header().method.as_str()),
+            ctx.req.listener,
+            ctx.req.route.as_deref().unwrap_or("-"),
+            ctx.req.request_id
+        )
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let route = ctx.req.route.as_deref().unwrap_or("none");
+        let method = metrics::method_label(&ctx.req.method);
+        metrics::REQUESTS
+            .with_label_values(&[
+                &*ctx.req.listener,
+                route,
+                method,
+                metrics::status_class(status),
+            ])
+            .inc();
+        metrics::REQUEST_DURATION
+            .with_label_values(&[&*ctx.req.listener, route])
+            .observe(ctx.req.started.elapsed().as_secs_f64());
+        if let (Some(r), Some((zone, _))) = (&ctx.route, ctx.current) {
+            if zone > 0 && (200..500).contains(&status) {
+                if let Some(pool) = self.pools.get(r.pool) {
+                    let from = pool.zones.first().map(|z| &*z.name).unwrap_or("");
+                    let to = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+                    metrics::FAILOVERS
+                        .with_label_values(&[&*pool.name, from, to])
+                        .inc();
+                }
+            }
+        }
+        if let Some(route) = ctx.route.clone() {
+            for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
+                if f.mode() != Mode::Off {
+                    f.logging(&ctx.req);
+                }
+            }
+        }
+    }
+}

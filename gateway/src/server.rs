@@ -1,0 +1,169 @@
+//! Server assembly: one Pingora proxy service per listener, the admin listener, the upstream
+//! health service and the built-in sandboxes.
+
+use crate::admin::AdminApp;
+use crate::config::{Loaded, TlsListenerConfig};
+use crate::proxy::Gateway;
+use crate::router::{Route, RouteTable};
+use crate::sandbox_server::{SandboxServer, SandboxService};
+use crate::upstream::{build_pools, HealthService, Readiness};
+use caregate_sandbox::Sandbox;
+use pingora::apps::http_app::HttpServer;
+use pingora::listeners::tls::TlsSettings;
+use pingora::prelude::{background_service, Opt};
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+use pingora::tls::ssl::{SslVerifyMode, SslVersion};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<TlsSettings, String> {
+    let cert = loaded.resolve(&t.cert);
+    let key = loaded.resolve(&t.key);
+    let path_str = |p: &std::path::Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{what}: path {} is not UTF-8", p.display()))
+    };
+    let mut tls = TlsSettings::intermediate(&path_str(&cert)?, &path_str(&key)?)
+        .map_err(|e| format!("{what}: cannot load certificate/key: {e}"))?;
+    tls.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| format!("{what}: {e}"))?;
+    if t.h2 {
+        tls.enable_h2();
+    }
+    if let Some(ca) = &t.client_ca {
+        let mode = if t.require_client_cert {
+            SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
+        } else {
+            SslVerifyMode::PEER
+        };
+        tls.set_verify(mode);
+        tls.set_ca_file(loaded.resolve(ca))
+            .map_err(|e| format!("{what}: cannot load client CA: {e}"))?;
+    }
+    Ok(tls)
+}
+
+/// Build the whole server from a validated config. `opt` carries Pingora's own flags
+/// (upgrade, daemon, test).
+pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
+    crate::metrics::init();
+    let cfg = &loaded.config;
+    let pools = Arc::new(build_pools(&loaded)?);
+    let readiness = Arc::new(Readiness::default());
+
+    let conf = ServerConf {
+        version: 1,
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(cfg.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(cfg.server.graceful_shutdown_timeout_seconds),
+        max_retries: cfg
+            .pools
+            .iter()
+            .map(|p| p.max_attempts)
+            .max()
+            .unwrap_or(1)
+            .max(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    server.bootstrap();
+
+    let mut controls = HashMap::new();
+    for s in &cfg.sandboxes {
+        let base = s.base_url();
+        let sandbox = Sandbox::new(&base);
+        let dir = loaded.resolve(&s.data_dir);
+        let n = sandbox
+            .load_dir(&dir)
+            .map_err(|e| format!("sandbox {}: {e}", s.name))?;
+        log::info!("sandbox {}: {n} resources loaded", s.name);
+        let srv = Arc::new(SandboxServer::new(
+            &s.name,
+            s.listen,
+            &base,
+            Arc::new(sandbox),
+        ));
+        controls.insert(s.name.clone(), srv.control.clone());
+        server.add_service(background_service(
+            &format!("sandbox {}", s.name),
+            SandboxService(srv),
+        ));
+    }
+
+    server.add_service(background_service(
+        "upstream health",
+        HealthService {
+            pools: pools.as_ref().clone(),
+            readiness: readiness.clone(),
+        },
+    ));
+
+    let pool_index: HashMap<&str, usize> = cfg
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), i))
+        .collect();
+    for l in &cfg.listeners {
+        let mut routes = Vec::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if r.listener != l.name {
+                continue;
+            }
+            let pool = *pool_index
+                .get(r.pool.as_str())
+                .ok_or_else(|| format!("route {}: unknown pool", r.name))?;
+            routes.push(Arc::new(Route {
+                name: Arc::from(r.name.as_str()),
+                hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                fhir: r.fhir,
+                pool,
+                upstream_prefix: r.upstream_prefix.clone(),
+                filters: loaded.route_filters.get(i).cloned().unwrap_or_default(),
+            }));
+        }
+        let gw = Gateway {
+            listener: Arc::from(l.name.as_str()),
+            channel: l.channel,
+            tls: l.tls.is_some(),
+            table: RouteTable::new(routes),
+            pools: pools.clone(),
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
+            keepalive_seconds: cfg.server.downstream_keepalive_seconds,
+            max_header_bytes: cfg.server.max_request_header_bytes,
+        };
+        let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
+        let addr = l.listen.to_string();
+        match &l.tls {
+            Some(t) => {
+                let tls = tls_settings(&loaded, t, &format!("listener {}", l.name))?;
+                svc.add_tls_with_settings(&addr, None, tls);
+            }
+            None => svc.add_tcp(&addr),
+        }
+        server.add_service(svc);
+    }
+
+    let admin = AdminApp {
+        readiness,
+        token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
+        sandboxes: controls,
+    };
+    let mut admin_svc = Service::new("admin".to_string(), HttpServer::new_app(admin));
+    let admin_addr = cfg.admin.listen.to_string();
+    match &cfg.admin.tls {
+        Some(t) => {
+            let tls = tls_settings(&loaded, t, "admin")?;
+            admin_svc.add_tls_with_settings(&admin_addr, None, tls);
+        }
+        None => admin_svc.add_tcp(&admin_addr),
+    }
+    server.add_service(admin_svc);
+    Ok(server)
+}

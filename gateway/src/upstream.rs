@@ -1,0 +1,313 @@
+//! Upstream pools across availability zones.
+//!
+//! A pool has zones in priority order; each zone is one Pingora `LoadBalancer` (weighted round
+//! robin) over its backends with an active HTTP health check. A request goes to the first zone
+//! with a healthy backend it has not tried yet, and fails over to the next zone when a zone is
+//! unhealthy or a connect fails. The health checks run in one background service that also
+//! publishes `caregate_upstream_backend_healthy` and tells `/readyz` when every pool has had its
+//! first pass.
+
+use crate::config::{Loaded, PoolConfig};
+use crate::metrics;
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::lb::discovery::Static;
+use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::prelude::HttpPeer;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::tls::pkey::{PKey, Private};
+use pingora::tls::x509::X509;
+use pingora::utils::tls::CertKey;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Zone {
+    pub name: Arc<str>,
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    pub backends: Vec<SocketAddr>,
+}
+
+pub struct PeerTls {
+    pub sni: String,
+    pub ca: Option<Arc<Box<[X509]>>>,
+    pub client: Option<Arc<CertKey>>,
+}
+
+pub struct Pool {
+    pub name: Arc<str>,
+    pub zones: Vec<Zone>,
+    pub max_attempts: usize,
+    pub timeouts: crate::config::TimeoutConfig,
+    pub tls: Option<PeerTls>,
+    pub health_interval: Duration,
+}
+
+/// A backend picked for one attempt.
+pub struct Pick {
+    pub zone: usize,
+    pub addr: SocketAddr,
+}
+
+impl Pool {
+    /// The first healthy, untried backend, zones in priority order.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Pick> {
+        for (zi, zone) in self.zones.iter().enumerate() {
+            let iterations = zone.backends.len().max(1) * 2;
+            let found = zone.lb.select_with(b"", iterations, |b, healthy| {
+                healthy
+                    && b.addr
+                        .as_inet()
+                        .map(|a| !tried.contains(a))
+                        .unwrap_or(false)
+            });
+            if let Some(b) = found {
+                if let Some(addr) = b.addr.as_inet() {
+                    return Some(Pick {
+                        zone: zi,
+                        addr: *addr,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether any backend in any zone is currently healthy.
+    pub fn any_healthy(&self) -> bool {
+        self.zones.iter().any(|z| {
+            z.lb.backends()
+                .get_backend()
+                .iter()
+                .any(|b| z.lb.backends().ready(b))
+        })
+    }
+
+    /// The peer for an attempt, with every timeout set.
+    pub fn peer(&self, addr: SocketAddr) -> Box<HttpPeer> {
+        let (tls, sni) = match &self.tls {
+            Some(t) => (true, t.sni.clone()),
+            None => (false, String::new()),
+        };
+        let mut peer = HttpPeer::new(addr, tls, sni);
+        let t = &self.timeouts;
+        peer.options.connection_timeout = Some(Duration::from_millis(t.connect_ms));
+        peer.options.total_connection_timeout = Some(Duration::from_millis(t.total_connect_ms));
+        peer.options.read_timeout = Some(Duration::from_millis(t.read_ms));
+        peer.options.write_timeout = Some(Duration::from_millis(t.write_ms));
+        peer.options.idle_timeout = Some(Duration::from_millis(t.idle_ms));
+        if let Some(tls) = &self.tls {
+            peer.options.ca = tls.ca.clone();
+            peer.client_cert_key = tls.client.clone();
+        }
+        Box::new(peer)
+    }
+}
+
+fn read_pem_certs(path: &std::path::Path) -> Result<Vec<X509>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    X509::stack_from_pem(&pem)
+        .map_err(|_| format!("{}: not a PEM certificate file", path.display()))
+}
+
+fn read_key(path: &std::path::Path) -> Result<PKey<Private>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    PKey::private_key_from_pem(&pem)
+        .map_err(|_| format!("{}: not a PEM private key", path.display()))
+}
+
+fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
+    let sandbox_addr = |name: &str| {
+        loaded
+            .config
+            .sandboxes
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.listen)
+    };
+    let tls = match &pc.tls {
+        None => None,
+        Some(t) => {
+            let ca = match &t.ca_file {
+                Some(p) => Some(Arc::new(
+                    read_pem_certs(&loaded.resolve(p))?.into_boxed_slice(),
+                )),
+                None => None,
+            };
+            let client = match (&t.client_cert, &t.client_key) {
+                (Some(c), Some(k)) => {
+                    let certs = read_pem_certs(&loaded.resolve(c))?;
+                    let key = read_key(&loaded.resolve(k))?;
+                    Some(Arc::new(CertKey::new(certs, key)))
+                }
+                _ => None,
+            };
+            Some(PeerTls {
+                sni: t.sni.clone(),
+                ca,
+                client,
+            })
+        }
+    };
+    let hc_conf = &pc.health_check;
+    let mut zones = Vec::new();
+    for zc in &pc.zones {
+        let mut set = BTreeSet::new();
+        let mut addrs = Vec::new();
+        for b in &zc.backends {
+            let addr = match (&b.address, &b.sandbox) {
+                (Some(a), _) => *a,
+                (None, Some(name)) => sandbox_addr(name)
+                    .ok_or_else(|| format!("pool {}: no sandbox named {name}", pc.name))?,
+                (None, None) => return Err(format!("pool {}: backend without address", pc.name)),
+            };
+            let backend = Backend::new_with_weight(&addr.to_string(), b.weight)
+                .map_err(|e| format!("pool {}: backend {addr}: {e}", pc.name))?;
+            set.insert(backend);
+            addrs.push(addr);
+        }
+        let backends = Backends::new(Static::new(set));
+        let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
+
+        let mut hc = HttpHealthCheck::new(&hc_conf.host, tls.is_some());
+        hc.consecutive_success = hc_conf.consecutive_success;
+        hc.consecutive_failure = hc_conf.consecutive_failure;
+        let timeout = Duration::from_millis(hc_conf.timeout_ms);
+        hc.peer_template.options.connection_timeout = Some(timeout);
+        hc.peer_template.options.total_connection_timeout = Some(timeout);
+        hc.peer_template.options.read_timeout = Some(timeout);
+        hc.peer_template.options.write_timeout = Some(timeout);
+        if let Some(t) = &tls {
+            hc.peer_template.sni = t.sni.clone();
+            hc.peer_template.options.ca = t.ca.clone();
+            hc.peer_template.client_cert_key = t.client.clone();
+        }
+        let mut req = RequestHeader::build("GET", hc_conf.path.as_bytes(), None)
+            .map_err(|e| format!("pool {}: health check request: {e}", pc.name))?;
+        req.insert_header("host", hc_conf.host.as_str())
+            .map_err(|e| format!("pool {}: health check host: {e}", pc.name))?;
+        req.insert_header("user-agent", "caregate-health-check")
+            .map_err(|e| format!("pool {}: health check header: {e}", pc.name))?;
+        hc.req = req;
+        let expected = hc_conf.expected_status.clone();
+        hc.validator = Some(Box::new(move |resp: &ResponseHeader| {
+            if expected.contains(&resp.status.as_u16()) {
+                Ok(())
+            } else {
+                pingora::Error::e_explain(
+                    pingora::ErrorType::Custom("unexpected health check status"),
+                    "health check",
+                )
+            }
+        }));
+        lb.set_health_check(Box::new(hc));
+        zones.push(Zone {
+            name: Arc::from(zc.name.as_str()),
+            lb: Arc::new(lb),
+            backends: addrs,
+        });
+    }
+    Ok(Pool {
+        name: Arc::from(pc.name.as_str()),
+        zones,
+        max_attempts: pc.max_attempts,
+        timeouts: pc.timeouts.clone(),
+        tls,
+        health_interval: Duration::from_millis(hc_conf.interval_ms),
+    })
+}
+
+/// Build every pool of the config (in config order).
+pub fn build_pools(loaded: &Loaded) -> Result<Vec<Arc<Pool>>, String> {
+    loaded
+        .config
+        .pools
+        .iter()
+        .map(|pc| build_pool(loaded, pc).map(Arc::new))
+        .collect()
+}
+
+/// Set once every pool has finished its first discovery and health-check pass.
+#[derive(Default)]
+pub struct Readiness {
+    pub pools_checked: AtomicBool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.pools_checked.load(Ordering::Acquire)
+    }
+}
+
+/// Runs discovery and the health checks of every zone of every pool.
+pub struct HealthService {
+    pub pools: Vec<Arc<Pool>>,
+    pub readiness: Arc<Readiness>,
+}
+
+async fn check_zone(pool: &Pool, zone: &Zone) {
+    if let Err(e) = zone.lb.update().await {
+        log::warn!(
+            "pool {} zone {}: discovery failed: {e}",
+            pool.name,
+            zone.name
+        );
+    }
+    zone.lb.backends().run_health_check(true).await;
+    for b in zone.lb.backends().get_backend().iter() {
+        let healthy = zone.lb.backends().ready(b);
+        let label = b.addr.to_string();
+        metrics::BACKEND_HEALTHY
+            .with_label_values(&[&*pool.name, &*zone.name, label.as_str()])
+            .set(i64::from(healthy));
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // First pass of everything, then readiness.
+        for pool in &self.pools {
+            for zone in &pool.zones {
+                check_zone(pool, zone).await;
+            }
+        }
+        self.readiness.pools_checked.store(true, Ordering::Release);
+        log::info!(
+            "upstream health: first pass done for {} pool(s)",
+            self.pools.len()
+        );
+
+        let mut tasks = Vec::new();
+        for pool in &self.pools {
+            for zi in 0..pool.zones.len() {
+                let pool = pool.clone();
+                let mut shutdown = shutdown.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut interval = tokio::time::interval(pool.health_interval);
+                    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    interval.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = interval.tick() => {
+                                if let Some(zone) = pool.zones.get(zi) {
+                                    check_zone(&pool, zone).await;
+                                }
+                            }
+                            _ = shutdown.changed() => break,
+                        }
+                    }
+                }));
+            }
+        }
+        let _ = shutdown.changed().await;
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

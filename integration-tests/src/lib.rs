@@ -1,0 +1,538 @@
+//! Helpers for caregate's end-to-end tests: real processes, real sockets, ephemeral loopback
+//! ports, readiness by polling (never fixed sleeps).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The `caregate` binary: `$CAREGATE_BIN`, or the one next to this test's target directory.
+pub fn caregate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CAREGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/caregate
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
+    let bin = profile_dir.join("caregate");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p caregate` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "caregate-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop; its stderr goes to a file, readable with `log()`.
+pub struct Proc {
+    pub child: Child,
+    pub log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], tag: &str) -> Proc {
+        let dir = TempDir::new(tag);
+        let log_path = dir.0.join("stderr.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let out = log.try_clone().unwrap();
+        let child = Command::new(caregate_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("spawn caregate");
+        Proc {
+            child,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll until `f` is true or the deadline passes.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    /// Write `yaml` to a temp file, start `caregate run` on it and wait for `/readyz`.
+    /// Relative paths in the config resolve against the repository's `conf/` folder.
+    pub fn start(yaml: &str, admin_port: u16) -> Gateway {
+        let dir = TempDir::new("gw");
+        let config_path = dir.0.join("caregate.yaml");
+        let yaml = yaml.replace("@CONF@", repo_root().join("conf").to_str().unwrap());
+        std::fs::write(&config_path, yaml).unwrap();
+        let proc = Proc::spawn(&["run", "-c", config_path.to_str().unwrap()], "gw-proc");
+        let admin = addr(admin_port);
+        let gw = Gateway {
+            proc,
+            admin,
+            config_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = try_request(admin, "GET", "/readyz", &[], b"") {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("gateway not ready; log:\n{}", gw.proc.log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        gw
+    }
+
+    pub fn metrics(&self) -> String {
+        request(self.admin, "GET", "/metrics", &[], b"").text()
+    }
+}
+
+/// A standalone sandbox FHIR server process (`caregate sandbox`).
+pub struct SandboxProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl SandboxProc {
+    pub fn start(port: u16) -> SandboxProc {
+        let data = repo_root().join("conf/demo/data");
+        let listen = format!("127.0.0.1:{port}");
+        let proc = Proc::spawn(
+            &[
+                "sandbox",
+                "--listen",
+                &listen,
+                "--data",
+                data.to_str().unwrap(),
+            ],
+            "sandbox",
+        );
+        let s = SandboxProc {
+            proc,
+            addr: addr(port),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = try_request(s.addr, "GET", "/healthz", &[], b"") {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("sandbox not ready; log:\n{}", s.proc.log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        s
+    }
+}
+
+/// An HTTP response as read off the wire.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Read one HTTP/1.1 response (Content-Length, chunked or close-delimited).
+pub fn read_response(reader: &mut impl BufRead, head_request: bool) -> std::io::Result<Response> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no response",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        reader.read_line(&mut l)?;
+        let l = l.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        // no body
+    } else if get("transfer-encoding")
+        .map(|v| v.contains("chunked"))
+        .unwrap_or(false)
+    {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size")
+                })?;
+            if n == 0 {
+                let mut end = String::new();
+                reader.read_line(&mut end)?;
+                break;
+            }
+            let mut chunk = vec![0; n];
+            reader.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk);
+            let mut crlf = [0u8; 2];
+            reader.read_exact(&mut crlf)?;
+        }
+    } else if let Some(cl) = get("content-length") {
+        let n: usize = cl.parse().unwrap_or(0);
+        body = vec![0; n];
+        reader.read_exact(&mut body)?;
+    } else {
+        reader.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn try_request(
+    to: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut req = format!("{method} {target} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {to}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PUT" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut r = BufReader::new(s);
+    read_response(&mut r, method == "HEAD")
+}
+
+pub fn request(
+    to: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    try_request(to, method, target, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {target} to {to}: {e}"))
+}
+
+pub fn get(to: SocketAddr, target: &str) -> Response {
+    request(to, "GET", target, &[], b"")
+}
+
+/// A request as an echo backend saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The index of this request on its connection (0 = first).
+    pub conn_seq: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn has_header(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+}
+
+/// How an echo backend answers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EchoMode {
+    /// 200 with a JSON echo of what it saw.
+    Echo,
+    /// Read the request, then close the connection without answering.
+    DropAfterRequest,
+}
+
+/// A small HTTP/1.1 backend on its own threads that records every request it receives
+/// (`/healthz` probes are answered and not recorded).
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub name: String,
+}
+
+impl EchoServer {
+    pub fn start(name: &str) -> EchoServer {
+        Self::start_with(name, EchoMode::Echo)
+    }
+
+    pub fn start_with(name: &str, mode: EchoMode) -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let name2 = name.to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let seen = seen2.clone();
+                let name = name2.clone();
+                std::thread::spawn(move || serve_echo(stream, seen, &name, mode));
+            }
+        });
+        EchoServer {
+            addr,
+            seen,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+fn serve_echo(stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, name: &str, mode: EchoMode) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut seq = 0;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut l = String::new();
+            if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = l.trim_end_matches(['\r', '\n']).to_string();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let hget = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if hget("transfer-encoding").is_some() {
+            loop {
+                let mut size = String::new();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                if n == 0 {
+                    let mut end = String::new();
+                    let _ = reader.read_line(&mut end);
+                    break;
+                }
+                let mut chunk = vec![0; n + 2];
+                if reader.read_exact(&mut chunk).is_err() {
+                    return;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(cl) = hget("content-length") {
+            let n: usize = cl.parse().unwrap_or(0);
+            body = vec![0; n];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+        }
+        if target == "/healthz" {
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n");
+            continue;
+        }
+        seen.lock().unwrap().push(Seen {
+            method: method.clone(),
+            target: target.clone(),
+            headers: headers.clone(),
+            body: body.clone(),
+            conn_seq: seq,
+        });
+        seq += 1;
+        if mode == EchoMode::DropAfterRequest {
+            return;
+        }
+        let mut hmap: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in &headers {
+            hmap.entry(k.to_ascii_lowercase())
+                .or_default()
+                .push(v.clone());
+        }
+        let out = serde_json::json!({
+            "backend": name,
+            "method": method,
+            "target": target,
+            "headers": hmap,
+            "body_len": body.len(),
+        })
+        .to_string();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+            out.len(),
+            out
+        );
+        if writer.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}

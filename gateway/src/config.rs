@@ -364,9 +364,9 @@ pub fn substitute_env(
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let after = &rest[pos..];
-        if after.starts_with("$${") {
+        if let Some(tail) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = tail;
         } else if let Some(body) = after.strip_prefix("${") {
             let Some(end) = body.find('}') else {
                 let line = text[..text.len() - rest.len() + pos].lines().count().max(1);
@@ -403,16 +403,9 @@ pub fn substitute_env(
 /// Parse the YAML text of a config (after `${ENV}` substitution), naming the place of any error.
 pub fn parse(text: &str) -> Result<Config, ConfigError> {
     let text = substitute_env(text, |n| std::env::var(n).ok())?;
-    let de = serde_yaml::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path == "." || path.is_empty() {
-            ConfigError(inner)
-        } else {
-            ConfigError(format!("{path}: {inner}"))
-        }
-    })
+    // serde_yaml's errors name the place (`routes[3].filters[1]: unknown field ...`) and the
+    // line and column.
+    serde_yaml::from_str::<Config>(&text).map_err(|e| ConfigError(e.to_string()))
 }
 
 /// A fully validated configuration: the raw config plus everything built from it.

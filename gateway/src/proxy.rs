@@ -395,7 +395,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
-        if self.keepalive_seconds > 0 {
+        // Bound idle keep-alive, but never re-enable a connection Pingora has already marked
+        // for closing (ambiguous framing, `Connection: close`).
+        if self.keepalive_seconds > 0 && session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.keepalive_seconds));
         }
         Ok(())
@@ -572,7 +574,20 @@ impl ProxyHttp for Gateway {
         {
             e.set_retry(false);
         } else {
-            e.retry.decide_reuse(client_reused);
+            // An idempotent request whose backend connection broke before any response went
+            // downstream may go to another backend, whether or not the connection was pooled
+            // (a backend killed mid-request). Timeouts are not retried: a slow backend is not a
+            // dead one, and retrying would multiply its load.
+            let broken_connection = e.esource() == &ErrorSource::Upstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                );
+            if broken_connection {
+                e.set_retry(true);
+            } else {
+                e.retry.decide_reuse(client_reused);
+            }
             if e.retry() {
                 if let (Some(pool), Some((zone, _))) = (pool, current) {
                     let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");

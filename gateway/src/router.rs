@@ -195,7 +195,9 @@ mod tests {
     #[test]
     fn upstream_prefix_rewrites() {
         let mut r = route("v1", &[], "/v1/fhir", &[]);
-        Arc::get_mut(&mut r).map(|r| r.upstream_prefix = Some("/fhir".into()));
+        if let Some(r) = Arc::get_mut(&mut r) {
+            r.upstream_prefix = Some("/fhir".into());
+        }
         assert_eq!(r.upstream_path("/v1/fhir/Patient/1"), "/fhir/Patient/1");
         assert_eq!(r.upstream_path("/v1/fhir"), "/fhir");
     }

@@ -68,9 +68,15 @@ impl Entry {
 fn exec(sb: &Sandbox, store: &mut Store, e: &Entry, assigned: Option<&str>) -> Result<Reply, Fail> {
     let (path, q) = e.path_and_query();
     let route = Route::parse(path)?;
-    let method = if e.method == "HEAD" { "GET" } else { e.method.as_str() };
+    let method = if e.method == "HEAD" {
+        "GET"
+    } else {
+        e.method.as_str()
+    };
     match classify(method, &route)? {
-        Access::Batch => Err(Fail::not_supported("nested batch/transaction is not supported")),
+        Access::Batch => Err(Fail::not_supported(
+            "nested batch/transaction is not supported",
+        )),
         Access::Read => {
             let params = query::parse_query(q).map_err(Fail::bad_request)?;
             sb.exec_read(store, &route, &params)

@@ -33,15 +33,17 @@ pub(crate) fn statement(store: &Store, base: &str) -> Value {
             let revincludes: Vec<String> = types
                 .iter()
                 .flat_map(|s| {
-                    ALL_PARAMS.iter().filter_map(move |p| match param_def(s, p) {
-                        Some(d) => match d.kind {
-                            Kind::Reference(target) if target.is_none_or(|x| x == *t) => {
-                                Some(format!("{s}:{p}"))
-                            }
-                            _ => None,
-                        },
-                        None => None,
-                    })
+                    ALL_PARAMS
+                        .iter()
+                        .filter_map(move |p| match param_def(s, p) {
+                            Some(d) => match d.kind {
+                                Kind::Reference(target) if target.is_none_or(|x| x == *t) => {
+                                    Some(format!("{s}:{p}"))
+                                }
+                                _ => None,
+                            },
+                            None => None,
+                        })
                 })
                 .collect();
             let mut r = json!({

@@ -124,7 +124,9 @@ fn type_segment(t: &str) -> Result<&str, Fail> {
     } else if looks_like_type(t) {
         Ok(t)
     } else {
-        Err(Fail::bad_request(format!("'{t}' is not a valid resource type")))
+        Err(Fail::bad_request(format!(
+            "'{t}' is not a valid resource type"
+        )))
     }
 }
 
@@ -219,7 +221,11 @@ pub(crate) fn classify(method: &str, route: &Route<'_>) -> Result<Access, Fail> 
 
 /// The media type part of a Content-Type header, lower-cased.
 fn mime(ct: &str) -> String {
-    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// Parses a JSON resource body (a JSON object).
@@ -229,7 +235,10 @@ fn json_body(req: &SandboxRequest<'_>) -> Result<Value, Fail> {
         let json_like = m.is_empty()
             || matches!(
                 m.as_str(),
-                "application/fhir+json" | "application/json" | "application/json+fhir" | "text/json"
+                "application/fhir+json"
+                    | "application/json"
+                    | "application/json+fhir"
+                    | "text/json"
             );
         if !json_like {
             return Err(Fail::new(
@@ -245,7 +254,11 @@ fn json_body(req: &SandboxRequest<'_>) -> Result<Value, Fail> {
     let v: Value = serde_json::from_slice(req.body)
         .map_err(|e| Fail::new(400, "structure", format!("malformed JSON body: {e}")))?;
     if !v.is_object() {
-        return Err(Fail::new(400, "structure", "the body must be a JSON object"));
+        return Err(Fail::new(
+            400,
+            "structure",
+            "the body must be a JSON object",
+        ));
     }
     Ok(v)
 }
@@ -299,18 +312,13 @@ fn check_resource(t: &str, url_id: Option<&str>, body: Option<Value>) -> Result<
     }
     match body.get("id") {
         None => {}
-        Some(Value::String(id)) if valid_id(id) => {
-            if url_id.is_some_and(|u| u != id) {
-                return Err(Fail::bad_request(format!(
-                    "the body id '{id}' does not match the URL id"
-                )));
-            }
-        }
-        Some(other) => {
+        Some(Value::String(id)) if valid_id(id) && url_id.is_some_and(|u| u != id) => {
             return Err(Fail::bad_request(format!(
-                "invalid resource id {other}"
-            )))
+                "the body id '{id}' does not match the URL id"
+            )));
         }
+        Some(Value::String(id)) if valid_id(id) => {}
+        Some(other) => return Err(Fail::bad_request(format!("invalid resource id {other}"))),
     }
     Ok(body)
 }
@@ -438,7 +446,9 @@ impl Sandbox {
                 Some("transaction" | "batch" | "collection" | "searchset")
             );
         if !unpack {
-            let res = self.prepare(doc, None).map_err(|e| format!("{name}: {e}"))?;
+            let res = self
+                .prepare(doc, None)
+                .map_err(|e| format!("{name}: {e}"))?;
             items.push((name.to_string(), res));
             return Ok(());
         }
@@ -455,11 +465,9 @@ impl Sandbox {
             let res = self
                 .prepare(res, full_url)
                 .map_err(|e| format!("{name}: entry {i}: {e}"))?;
-            if let (Some(fu), Some(t), Some(id)) = (
-                full_url,
-                res["resourceType"].as_str(),
-                res["id"].as_str(),
-            ) {
+            if let (Some(fu), Some(t), Some(id)) =
+                (full_url, res["resourceType"].as_str(), res["id"].as_str())
+            {
                 urls.insert(fu.to_string(), format!("{t}/{id}"));
             }
             items.push((name.to_string(), res));
@@ -776,9 +784,13 @@ fn render(reply: Reply, pretty: bool) -> SandboxResponse {
         Err(e) => SandboxResponse {
             status: 500,
             content_type: FHIR_JSON,
-            body: outcome("fatal", "exception", &format!("cannot serialize response: {e}"))
-                .to_string()
-                .into_bytes(),
+            body: outcome(
+                "fatal",
+                "exception",
+                &format!("cannot serialize response: {e}"),
+            )
+            .to_string()
+            .into_bytes(),
             location: None,
             etag: None,
         },

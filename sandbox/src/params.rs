@@ -77,19 +77,61 @@ const MED_CODE: &[&str] = &["medicationCodeableConcept"];
 /// Paths of the `patient` parameter (reference to a Patient).
 fn patient_paths(t: &str) -> Option<&'static [&'static str]> {
     Some(match t {
-        "Account" | "Basic" | "CarePlan" | "CareTeam" | "ChargeItem" | "ClinicalImpression"
-        | "Communication" | "CommunicationRequest" | "Composition" | "Condition" | "Contract"
-        | "DeviceRequest" | "DeviceUseStatement" | "DiagnosticReport" | "DocumentManifest"
-        | "DocumentReference" | "Encounter" | "Flag" | "Goal" | "GuidanceResponse"
-        | "ImagingStudy" | "Invoice" | "List" | "MeasureReport" | "Media"
-        | "MedicationAdministration" | "MedicationDispense" | "MedicationRequest"
-        | "MedicationStatement" | "Observation" | "Procedure" | "QuestionnaireResponse"
-        | "RequestGroup" | "RiskAssessment" | "ServiceRequest" | "Specimen" => SUBJECT,
-        "AllergyIntolerance" | "BodyStructure" | "Claim" | "ClaimResponse" | "Consent"
-        | "CoverageEligibilityRequest" | "CoverageEligibilityResponse" | "DetectedIssue"
-        | "Device" | "EpisodeOfCare" | "ExplanationOfBenefit" | "FamilyMemberHistory"
-        | "Immunization" | "ImmunizationEvaluation" | "ImmunizationRecommendation"
-        | "MolecularSequence" | "NutritionOrder" | "RelatedPerson" | "SupplyDelivery"
+        "Account"
+        | "Basic"
+        | "CarePlan"
+        | "CareTeam"
+        | "ChargeItem"
+        | "ClinicalImpression"
+        | "Communication"
+        | "CommunicationRequest"
+        | "Composition"
+        | "Condition"
+        | "Contract"
+        | "DeviceRequest"
+        | "DeviceUseStatement"
+        | "DiagnosticReport"
+        | "DocumentManifest"
+        | "DocumentReference"
+        | "Encounter"
+        | "Flag"
+        | "Goal"
+        | "GuidanceResponse"
+        | "ImagingStudy"
+        | "Invoice"
+        | "List"
+        | "MeasureReport"
+        | "Media"
+        | "MedicationAdministration"
+        | "MedicationDispense"
+        | "MedicationRequest"
+        | "MedicationStatement"
+        | "Observation"
+        | "Procedure"
+        | "QuestionnaireResponse"
+        | "RequestGroup"
+        | "RiskAssessment"
+        | "ServiceRequest"
+        | "Specimen" => SUBJECT,
+        "AllergyIntolerance"
+        | "BodyStructure"
+        | "Claim"
+        | "ClaimResponse"
+        | "Consent"
+        | "CoverageEligibilityRequest"
+        | "CoverageEligibilityResponse"
+        | "DetectedIssue"
+        | "Device"
+        | "EpisodeOfCare"
+        | "ExplanationOfBenefit"
+        | "FamilyMemberHistory"
+        | "Immunization"
+        | "ImmunizationEvaluation"
+        | "ImmunizationRecommendation"
+        | "MolecularSequence"
+        | "NutritionOrder"
+        | "RelatedPerson"
+        | "SupplyDelivery"
         | "VisionPrescription" => PATIENT,
         "Coverage" => &["beneficiary"],
         "ResearchSubject" => &["individual"],
@@ -107,14 +149,43 @@ fn patient_paths(t: &str) -> Option<&'static [&'static str]> {
 /// Paths of the `subject` parameter (any target type).
 fn subject_paths(t: &str) -> Option<&'static [&'static str]> {
     Some(match t {
-        "Account" | "AdverseEvent" | "Basic" | "CarePlan" | "CareTeam" | "ChargeItem"
-        | "ClinicalImpression" | "Communication" | "CommunicationRequest" | "Composition"
-        | "Condition" | "Contract" | "DeviceRequest" | "DeviceUseStatement"
-        | "DiagnosticReport" | "DocumentManifest" | "DocumentReference" | "Encounter" | "Flag"
-        | "Goal" | "GuidanceResponse" | "ImagingStudy" | "Invoice" | "List" | "MeasureReport"
-        | "Media" | "MedicationAdministration" | "MedicationDispense" | "MedicationRequest"
-        | "MedicationStatement" | "Observation" | "Procedure" | "QuestionnaireResponse"
-        | "RequestGroup" | "RiskAssessment" | "ServiceRequest" | "Specimen" => SUBJECT,
+        "Account"
+        | "AdverseEvent"
+        | "Basic"
+        | "CarePlan"
+        | "CareTeam"
+        | "ChargeItem"
+        | "ClinicalImpression"
+        | "Communication"
+        | "CommunicationRequest"
+        | "Composition"
+        | "Condition"
+        | "Contract"
+        | "DeviceRequest"
+        | "DeviceUseStatement"
+        | "DiagnosticReport"
+        | "DocumentManifest"
+        | "DocumentReference"
+        | "Encounter"
+        | "Flag"
+        | "Goal"
+        | "GuidanceResponse"
+        | "ImagingStudy"
+        | "Invoice"
+        | "List"
+        | "MeasureReport"
+        | "Media"
+        | "MedicationAdministration"
+        | "MedicationDispense"
+        | "MedicationRequest"
+        | "MedicationStatement"
+        | "Observation"
+        | "Procedure"
+        | "QuestionnaireResponse"
+        | "RequestGroup"
+        | "RiskAssessment"
+        | "ServiceRequest"
+        | "Specimen" => SUBJECT,
         "EnrollmentRequest" => &["candidate"],
         "Task" => &["for"],
         "SupplyRequest" => &["deliverTo"],
@@ -124,12 +195,29 @@ fn subject_paths(t: &str) -> Option<&'static [&'static str]> {
 
 fn encounter_paths(t: &str) -> Option<&'static [&'static str]> {
     Some(match t {
-        "CarePlan" | "CareTeam" | "ClinicalImpression" | "Communication"
-        | "CommunicationRequest" | "Composition" | "Condition" | "DeviceRequest"
-        | "DiagnosticReport" | "Flag" | "ImagingStudy" | "List" | "Media"
-        | "MedicationRequest" | "NutritionOrder" | "Observation" | "Procedure"
-        | "QuestionnaireResponse" | "RequestGroup" | "RiskAssessment" | "ServiceRequest"
-        | "Task" | "VisionPrescription" => ENCOUNTER,
+        "CarePlan"
+        | "CareTeam"
+        | "ClinicalImpression"
+        | "Communication"
+        | "CommunicationRequest"
+        | "Composition"
+        | "Condition"
+        | "DeviceRequest"
+        | "DiagnosticReport"
+        | "Flag"
+        | "ImagingStudy"
+        | "List"
+        | "Media"
+        | "MedicationRequest"
+        | "NutritionOrder"
+        | "Observation"
+        | "Procedure"
+        | "QuestionnaireResponse"
+        | "RequestGroup"
+        | "RiskAssessment"
+        | "ServiceRequest"
+        | "Task"
+        | "VisionPrescription" => ENCOUNTER,
         "DocumentReference" => &["context.encounter"],
         "Claim" | "ExplanationOfBenefit" => &["item.encounter"],
         _ => return None,
@@ -139,12 +227,26 @@ fn encounter_paths(t: &str) -> Option<&'static [&'static str]> {
 fn code_paths(t: &str) -> Option<&'static [&'static str]> {
     Some(match t {
         "AllergyIntolerance" => &["code", "reaction.substance"],
-        "Basic" | "ChargeItem" | "Condition" | "DetectedIssue" | "DiagnosticReport" | "Group"
-        | "List" | "Medication" | "MedicationKnowledge" | "Observation" | "Procedure"
-        | "RequestGroup" | "ServiceRequest" | "Substance" | "Task" => CODE,
+        "Basic"
+        | "ChargeItem"
+        | "Condition"
+        | "DetectedIssue"
+        | "DiagnosticReport"
+        | "Group"
+        | "List"
+        | "Medication"
+        | "MedicationKnowledge"
+        | "Observation"
+        | "Procedure"
+        | "RequestGroup"
+        | "ServiceRequest"
+        | "Substance"
+        | "Task" => CODE,
         "DeviceRequest" => &["codeCodeableConcept"],
         "FamilyMemberHistory" => &["condition.code"],
-        "MedicationAdministration" | "MedicationDispense" | "MedicationRequest"
+        "MedicationAdministration"
+        | "MedicationDispense"
+        | "MedicationRequest"
         | "MedicationStatement" => MED_CODE,
         _ => return None,
     })
@@ -152,22 +254,52 @@ fn code_paths(t: &str) -> Option<&'static [&'static str]> {
 
 fn category_paths(t: &str) -> Option<&'static [&'static str]> {
     match t {
-        "AdverseEvent" | "AllergyIntolerance" | "CarePlan" | "CareTeam" | "Communication"
-        | "CommunicationRequest" | "Composition" | "Condition" | "Consent"
-        | "DiagnosticReport" | "DocumentReference" | "Goal" | "MedicationRequest"
-        | "MedicationStatement" | "Observation" | "Procedure" | "ResearchStudy"
-        | "ServiceRequest" | "Substance" | "SupplyRequest" => Some(CATEGORY),
+        "AdverseEvent"
+        | "AllergyIntolerance"
+        | "CarePlan"
+        | "CareTeam"
+        | "Communication"
+        | "CommunicationRequest"
+        | "Composition"
+        | "Condition"
+        | "Consent"
+        | "DiagnosticReport"
+        | "DocumentReference"
+        | "Goal"
+        | "MedicationRequest"
+        | "MedicationStatement"
+        | "Observation"
+        | "Procedure"
+        | "ResearchStudy"
+        | "ServiceRequest"
+        | "Substance"
+        | "SupplyRequest" => Some(CATEGORY),
         _ => None,
     }
 }
 
 fn status_paths(t: &str) -> Option<&'static [&'static str]> {
     match t {
-        "CarePlan" | "CareTeam" | "Claim" | "Communication" | "Composition" | "Coverage"
-        | "DiagnosticReport" | "DocumentReference" | "Encounter" | "EpisodeOfCare"
-        | "ExplanationOfBenefit" | "Immunization" | "MedicationAdministration"
-        | "MedicationDispense" | "MedicationRequest" | "MedicationStatement" | "Observation"
-        | "Procedure" | "ServiceRequest" | "Task" => Some(STATUS),
+        "CarePlan"
+        | "CareTeam"
+        | "Claim"
+        | "Communication"
+        | "Composition"
+        | "Coverage"
+        | "DiagnosticReport"
+        | "DocumentReference"
+        | "Encounter"
+        | "EpisodeOfCare"
+        | "ExplanationOfBenefit"
+        | "Immunization"
+        | "MedicationAdministration"
+        | "MedicationDispense"
+        | "MedicationRequest"
+        | "MedicationStatement"
+        | "Observation"
+        | "Procedure"
+        | "ServiceRequest"
+        | "Task" => Some(STATUS),
         _ => None,
     }
 }
@@ -207,9 +339,7 @@ pub(crate) fn param_def(t: &str, name: &str) -> Option<ParamDef> {
         "category" => (Token, category_paths(t)?),
         "status" => (Token, status_paths(t)?),
         "vaccine-code" if t == "Immunization" => (Token, &["vaccineCode"]),
-        "name" if t == "Patient" || t == "Practitioner" || t == "RelatedPerson" => {
-            (Str, &["name"])
-        }
+        "name" if t == "Patient" || t == "Practitioner" || t == "RelatedPerson" => (Str, &["name"]),
         "name" if t == "Organization" || t == "Location" => (Str, &["name", "alias"]),
         "family" if t == "Patient" || t == "Practitioner" => (Str, &["name.family"]),
         "given" if t == "Patient" || t == "Practitioner" => (Str, &["name.given"]),

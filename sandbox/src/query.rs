@@ -65,7 +65,10 @@ pub(crate) fn encode_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for &b in s.as_bytes() {
         let keep = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b',' | b'/' | b'*' | b'$' | b'@');
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b':' | b',' | b'/' | b'*' | b'$' | b'@'
+            );
         if keep {
             out.push(char::from(b));
         } else {

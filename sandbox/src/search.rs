@@ -172,7 +172,9 @@ fn parse_date(v: &str) -> Result<Criterion, Fail> {
             .bytes()
             .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'T' | b'.' | b'+' | b'Z'));
     if !ok {
-        return Err(Fail::bad_request(format!("invalid date search value '{v}'")));
+        return Err(Fail::bad_request(format!(
+            "invalid date search value '{v}'"
+        )));
     }
     Ok(Criterion::Date(op, rest.to_string()))
 }
@@ -271,7 +273,8 @@ impl Spec {
                         // FHIR: empty parameter values are ignored.
                         continue;
                     }
-                    spec.filters.push(parse_filter(t, key, name, modifier, value, def, base)?);
+                    spec.filters
+                        .push(parse_filter(t, key, name, modifier, value, def, base)?);
                 }
             }
             spec.echo.push((key.clone(), value.clone()));
@@ -528,9 +531,9 @@ fn ref_matches(r: &str, q: &RefQuery, target: Option<&str>, base: &str) -> bool 
     let local = local_ref(r, base);
     let target_ok = |l: &str| target.is_none_or(|t| type_of(l) == t);
     match q {
-        RefQuery::Bare(id) => local.is_some_and(|l| {
-            target_ok(&l) && l.split_once('/').is_some_and(|(_, i)| i == id)
-        }),
+        RefQuery::Bare(id) => {
+            local.is_some_and(|l| target_ok(&l) && l.split_once('/').is_some_and(|(_, i)| i == id))
+        }
         RefQuery::Local(want) => local.is_some_and(|l| &l == want && target_ok(&l)),
         RefQuery::Absolute(a) => r == a,
     }
@@ -588,7 +591,10 @@ fn includes(store: &Store, base: &str, spec: &Spec, page: &[Hit]) -> Vec<Hit> {
     let page_keys = seen.clone();
     let mut out = Vec::new();
     for inc in &spec.includes {
-        for hit in page.iter().filter(|h| inc.source == "*" || inc.source == h.t) {
+        for hit in page
+            .iter()
+            .filter(|h| inc.source == "*" || inc.source == h.t)
+        {
             let refs: Vec<String> = match &inc.def {
                 Some(def) => refs_at(&hit.res, def, base),
                 None => store
@@ -851,7 +857,8 @@ mod tests {
 
     #[test]
     fn tokens() {
-        let cc = json!({"coding": [{"system": "http://loinc.org", "code": "1"}], "text": "Body Height"});
+        let cc =
+            json!({"coding": [{"system": "http://loinc.org", "code": "1"}], "text": "Body Height"});
         assert!(token_matches(&cc, None, "1"));
         assert!(token_matches(&cc, Some("http://loinc.org"), "1"));
         assert!(token_matches(&cc, Some("http://loinc.org"), ""));

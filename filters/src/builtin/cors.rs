@@ -146,7 +146,7 @@ impl CorsFilter {
             return true;
         }
         let o = origin.to_ascii_lowercase();
-        self.origins.iter().any(|a| *a == o)
+        self.origins.contains(&o)
     }
 
     fn echo_value(&self, origin: &HeaderValue) -> HeaderValue {

@@ -3,7 +3,7 @@
 # cmake (Pingora's zlib-ng), a C toolchain and perl (vendored OpenSSL), pkg-config.
 set -euo pipefail
 need=()
-for pkg in cmake build-essential perl pkg-config curl; do
+for pkg in cmake build-essential perl pkg-config curl openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -536,3 +536,114 @@ fn serve_echo(stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, name: &str, mode: 
         }
     }
 }
+
+/// A small PKI made with the `openssl` command: a CA, a server certificate for localhost and
+/// 127.0.0.1, a client certificate signed by the CA, and a client certificate from another CA.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).to_str().unwrap().to_string()
+    }
+
+    pub fn new() -> Pki {
+        let dir = TempDir::new("pki");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir.0)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "rogue-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=caregate test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ]);
+        }
+        std::fs::write(
+            dir.0.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(dir.0.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, ca, ext, cn) in [
+            ("server", "ca", "server.ext", "localhost"),
+            ("client", "ca", "client.ext", "lab-interface-engine"),
+            (
+                "rogue-client",
+                "rogue-ca",
+                "client.ext",
+                "lab-interface-engine",
+            ),
+        ] {
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/O=Test Hospital/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &format!("{name}.crt"),
+            ]);
+        }
+        Pki { dir }
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Run curl; returns (exit success, stdout).
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

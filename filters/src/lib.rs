@@ -19,6 +19,7 @@
 
 pub mod builtin;
 pub mod ctx;
+pub mod identity;
 pub mod registry;
 pub mod reply;
 
@@ -26,7 +27,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 pub use ctx::{Channel, FactError, Facts, RequestCtx};
 pub use pingora_http::{RequestHeader, ResponseHeader};
-pub use registry::{BuildError, FilterRegistry, FilterSpec};
+pub use registry::{BuildContext, BuildError, FilterRegistry, FilterSpec};
 pub use reply::{LocalReply, ReplyBody};
 use serde::Deserialize;
 
@@ -83,6 +84,14 @@ impl Mode {
     }
 }
 
+/// Work a filter needs done in the background (e.g. refreshing a key set). The gateway runs every
+/// filter's task in one of its background services, from start until shutdown.
+#[async_trait]
+pub trait BackgroundTask: Send + Sync + 'static {
+    /// Runs until `shutdown` turns true.
+    async fn run(&self, shutdown: tokio::sync::watch::Receiver<bool>);
+}
+
 /// A filter module. See the crate documentation for when each hook runs.
 #[async_trait]
 pub trait Filter: Send + Sync + 'static {
@@ -94,6 +103,11 @@ pub trait Filter: Send + Sync + 'static {
     /// returns (shadow: counted, not answered; off: the filter is skipped).
     fn mode(&self) -> Mode {
         Mode::Enforce
+    }
+
+    /// A task to run in the background for this filter, if it needs one.
+    fn background(&self) -> Option<std::sync::Arc<dyn BackgroundTask>> {
+        None
     }
 
     /// Runs on the request header, after request hygiene and route match. `req` is the

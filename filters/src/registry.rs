@@ -44,7 +44,30 @@ impl BuildError {
     }
 }
 
-type Builder = fn(serde_yaml::Value) -> Result<Arc<dyn Filter>, BuildError>;
+/// What a filter builder may know besides its own config: the organisation-wide sections of the
+/// gateway config.
+#[derive(Debug, Clone, Default)]
+pub struct BuildContext {
+    /// Names of the configured upstream pools.
+    pub pools: Vec<String>,
+    /// The configured tenants.
+    pub tenants: Vec<crate::identity::TenantConfig>,
+    /// The folder relative file paths in filter configs resolve against (the config file's).
+    pub base_dir: std::path::PathBuf,
+}
+
+impl BuildContext {
+    /// Resolve a path from a filter config against the config file's folder.
+    pub fn resolve(&self, p: &std::path::Path) -> std::path::PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+type Builder = fn(serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Filter>, BuildError>;
 
 /// Maps a config `kind` to the function that builds it.
 pub struct FilterRegistry {
@@ -77,7 +100,7 @@ impl FilterRegistry {
     }
 
     /// Build a filter from its spec.
-    pub fn build(&self, spec: &FilterSpec) -> Result<Arc<dyn Filter>, BuildError> {
+    pub fn build(&self, spec: &FilterSpec, cx: &BuildContext) -> Result<Arc<dyn Filter>, BuildError> {
         let builder = self.builders.get(spec.kind.as_str()).ok_or_else(|| {
             BuildError::new(
                 "kind",
@@ -92,7 +115,7 @@ impl FilterRegistry {
             .config
             .clone()
             .unwrap_or(serde_yaml::Value::Mapping(Default::default()));
-        builder(config)
+        builder(config, cx)
     }
 }
 
@@ -125,7 +148,7 @@ mod tests {
             config: None,
         };
         let err = r
-            .build(&spec)
+            .build(&spec, &BuildContext::default())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -143,7 +166,7 @@ mod tests {
             ),
         };
         let err = r
-            .build(&spec)
+            .build(&spec, &BuildContext::default())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -72,7 +72,10 @@ fn list_value(
         .map_err(|_| BuildError::new(path, "not a valid header value"))
 }
 
-pub fn build(config: serde_yaml::Value) -> std::result::Result<Arc<dyn Filter>, BuildError> {
+pub fn build(
+    config: serde_yaml::Value,
+    _cx: &crate::registry::BuildContext,
+) -> std::result::Result<Arc<dyn Filter>, BuildError> {
     let c: CorsConfig = parse_config(config)?;
     if c.allowed_origins.is_empty() {
         return Err(BuildError::new(
@@ -282,6 +285,7 @@ mod tests {
                  allow_credentials: true\nmax_age_seconds: 600",
             )
             .unwrap(),
+            &Default::default(),
         )
         .unwrap()
     }
@@ -383,11 +387,12 @@ mod tests {
     fn wildcard_with_credentials_is_refused() {
         let e = build(
             serde_yaml::from_str("{allowed_origins: ['*'], allow_credentials: true}").unwrap(),
+            &Default::default(),
         )
         .err()
         .unwrap();
         assert!(e.message.contains("cannot be combined"));
-        let e = build(serde_yaml::from_str("{allowed_origins: ['portal.example.org']}").unwrap())
+        let e = build(serde_yaml::from_str("{allowed_origins: ['portal.example.org']}").unwrap(), &Default::default())
             .err()
             .unwrap();
         assert_eq!(e.path, "config.allowed_origins[0]");

@@ -92,7 +92,10 @@ fn build_edits(side: &str, c: HeaderEditsConfig) -> std::result::Result<HeaderEd
     Ok(out)
 }
 
-pub fn build(config: serde_yaml::Value) -> std::result::Result<Arc<dyn Filter>, BuildError> {
+pub fn build(
+    config: serde_yaml::Value,
+    _cx: &crate::registry::BuildContext,
+) -> std::result::Result<Arc<dyn Filter>, BuildError> {
     let c: HeadersConfig = parse_config(config)?;
     Ok(Arc::new(HeadersFilter {
         request: build_edits("request", c.request)?,
@@ -142,7 +145,7 @@ mod tests {
     use super::*;
 
     fn filter(yaml: &str) -> std::result::Result<Arc<dyn Filter>, BuildError> {
-        build(serde_yaml::from_str(yaml).unwrap())
+        build(serde_yaml::from_str(yaml).unwrap(), &Default::default())
     }
 
     #[tokio::test]

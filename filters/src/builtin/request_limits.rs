@@ -46,7 +46,10 @@ const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
 ];
 
-pub fn build(config: serde_yaml::Value) -> std::result::Result<Arc<dyn Filter>, BuildError> {
+pub fn build(
+    config: serde_yaml::Value,
+    _cx: &crate::registry::BuildContext,
+) -> std::result::Result<Arc<dyn Filter>, BuildError> {
     let c: RequestLimitsConfig = parse_config(config)?;
     let methods = match c.methods {
         None => None,
@@ -193,7 +196,7 @@ mod tests {
     use super::*;
 
     fn filter(yaml: &str) -> Arc<dyn Filter> {
-        build(serde_yaml::from_str(yaml).unwrap()).unwrap()
+        build(serde_yaml::from_str(yaml).unwrap(), &Default::default()).unwrap()
     }
 
     fn reply(d: Decision) -> Option<LocalReply> {
@@ -244,15 +247,15 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused() {
-        let e = build(serde_yaml::from_str("{methods: [GET, FETCH]}").unwrap())
+        let e = build(serde_yaml::from_str("{methods: [GET, FETCH]}").unwrap(), &Default::default())
             .err()
             .unwrap();
         assert_eq!(e.path, "config.methods[1]");
-        let e = build(serde_yaml::from_str("{methods: []}").unwrap())
+        let e = build(serde_yaml::from_str("{methods: []}").unwrap(), &Default::default())
             .err()
             .unwrap();
         assert_eq!(e.path, "config.methods");
-        let e = build(serde_yaml::from_str("{mode: maybe}").unwrap())
+        let e = build(serde_yaml::from_str("{mode: maybe}").unwrap(), &Default::default())
             .err()
             .unwrap();
         assert!(e.path.starts_with("config"), "{e}");

@@ -48,12 +48,30 @@ impl BuildError {
 /// gateway config.
 #[derive(Debug, Clone, Default)]
 pub struct BuildContext {
+    /// The organisation-wide `auth:` section (issuers, token cache, certificate mappings).
+    pub auth: crate::builtin::jwt_auth::AuthConfig,
+    /// State built once per config and shared by every filter that needs it.
+    pub shared: Arc<SharedBuildState>,
     /// Names of the configured upstream pools.
     pub pools: Vec<String>,
     /// The configured tenants.
     pub tenants: Vec<crate::identity::TenantConfig>,
     /// The folder relative file paths in filter configs resolve against (the config file's).
     pub base_dir: std::path::PathBuf,
+}
+
+/// Objects shared by the filters built from one config (e.g. the issuers' key sets and the
+/// verified-token cache, shared by every `jwt_auth` route).
+#[derive(Default)]
+pub struct SharedBuildState {
+    pub issuer_set:
+        std::sync::OnceLock<Result<Arc<crate::builtin::jwt_auth::IssuerSet>, BuildError>>,
+}
+
+impl std::fmt::Debug for SharedBuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBuildState").finish_non_exhaustive()
+    }
 }
 
 impl BuildContext {
@@ -83,6 +101,10 @@ impl FilterRegistry {
         r.register("headers", builtin::headers::build);
         r.register("request_limits", builtin::request_limits::build);
         r.register("cors", builtin::cors::build);
+        r.register("jwt_auth", builtin::jwt_auth::build);
+        r.register("rbac", builtin::rbac::build);
+        r.register("ip_allow", builtin::ip_allow::build);
+        r.register("tenant", builtin::tenant::build);
         r
     }
 
@@ -100,7 +122,11 @@ impl FilterRegistry {
     }
 
     /// Build a filter from its spec.
-    pub fn build(&self, spec: &FilterSpec, cx: &BuildContext) -> Result<Arc<dyn Filter>, BuildError> {
+    pub fn build(
+        &self,
+        spec: &FilterSpec,
+        cx: &BuildContext,
+    ) -> Result<Arc<dyn Filter>, BuildError> {
         let builder = self.builders.get(spec.kind.as_str()).ok_or_else(|| {
             BuildError::new(
                 "kind",

@@ -5,7 +5,9 @@
 //! naming a missing pool or listener, an unknown filter kind) fail at load. `${ENV_VAR}`
 //! references are substituted before parsing; a missing variable is an error.
 
-use caregate_filters::{Channel, Filter, FilterRegistry, FilterSpec};
+use caregate_filters::builtin::jwt_auth::AuthConfig;
+use caregate_filters::identity::TenantConfig;
+use caregate_filters::{BuildContext, Channel, Filter, FilterRegistry, FilterSpec, Mode};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -27,6 +29,12 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     #[serde(default)]
     pub sandboxes: Vec<SandboxConfig>,
+    /// Trusted token issuers, the verified-token cache, client-certificate mappings.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The hospitals of a multi-hospital organisation.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +161,9 @@ pub struct RouteConfig {
     /// A FHIR route: errors are OperationOutcomes, `;` path parameters are refused.
     #[serde(default)]
     pub fhir: bool,
+    /// The route carries PHI: tenant isolation on it may only run in `enforce` mode.
+    #[serde(default)]
+    pub phi: bool,
     pub pool: String,
     /// Replace `path_prefix` by this prefix upstream (e.g. `/v1/fhir` -> `/fhir`).
     #[serde(default)]
@@ -441,7 +452,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parse and validate config text.
 pub fn load_str(text: &str, base_dir: PathBuf) -> Result<Loaded, ConfigError> {
     let config = parse(text)?;
-    let route_filters = validate(&config)?;
+    let route_filters = validate(&config, &base_dir)?;
     Ok(Loaded {
         config,
         route_filters,
@@ -468,7 +479,7 @@ fn unique<'a>(
 }
 
 /// Check cross-references and values; build every route's filters.
-pub fn validate(c: &Config) -> Result<Vec<Vec<Arc<dyn Filter>>>, ConfigError> {
+pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>, ConfigError> {
     if c.server.threads == 0 {
         return err("server.threads: must be at least 1");
     }
@@ -586,7 +597,38 @@ pub fn validate(c: &Config) -> Result<Vec<Vec<Arc<dyn Filter>>>, ConfigError> {
         }
     }
 
+    let tenant_ids = unique("tenants", c.tenants.iter().map(|t| t.id.as_str()));
+    let tenant_ids = tenant_ids.map_err(|e| ConfigError(e.0.replace(".name", ".id")))?;
+    let _ = tenant_ids;
+    for (i, t) in c.tenants.iter().enumerate() {
+        let at = format!("tenants[{i}] ({})", t.id);
+        if let Some(p) = &t.pool {
+            if !pools.contains(p.as_str()) {
+                return err(format!("{at}.pool: no pool named `{p}`"));
+            }
+        }
+        for (j, iss) in t.issuers.iter().enumerate() {
+            if !c.auth.issuers.iter().any(|x| x.issuer == *iss) {
+                return err(format!(
+                    "{at}.issuers[{j}]: `{iss}` is not the `issuer` of any auth.issuers entry"
+                ));
+            }
+        }
+        if let Some(prefix) = &t.path_prefix {
+            if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {
+                return err(format!("{at}.path_prefix: write it as /name"));
+            }
+        }
+    }
+
     let registry = FilterRegistry::builtin();
+    let cx = BuildContext {
+        auth: c.auth.clone(),
+        shared: Default::default(),
+        pools: c.pools.iter().map(|p| p.name.clone()).collect(),
+        tenants: c.tenants.clone(),
+        base_dir: base_dir.to_path_buf(),
+    };
     let mut built = Vec::with_capacity(c.routes.len());
     for (i, r) in c.routes.iter().enumerate() {
         let at = format!("routes[{i}] ({})", r.name);
@@ -622,12 +664,29 @@ pub fn validate(c: &Config) -> Result<Vec<Vec<Arc<dyn Filter>>>, ConfigError> {
         }
         let mut filters = Vec::with_capacity(r.filters.len());
         for (f, spec) in r.filters.iter().enumerate() {
-            let filter = registry.build(spec).map_err(|e| {
+            let filter = registry.build(spec, &cx).map_err(|e| {
                 ConfigError(format!("routes[{i}].filters[{f}] ({}): {e}", spec.kind))
             })?;
+            if r.phi && filter.kind() == "tenant" && filter.mode() != Mode::Enforce {
+                return err(format!(
+                    "routes[{i}].filters[{f}] (tenant): mode {} is not allowed on a route that \
+                     carries PHI (phi: true): a shadowed tenant mismatch would let one hospital \
+                     reach another's data",
+                    filter.mode().as_str()
+                ));
+            }
             filters.push(filter);
         }
         built.push(filters);
+    }
+    // Report errors in `auth` even when no route uses jwt_auth yet.
+    if cx.shared.issuer_set.get().is_none() && !c.auth.issuers.is_empty() {
+        caregate_filters::builtin::jwt_auth::IssuerSet::build(
+            &c.auth,
+            &|p| cx.resolve(p),
+            std::sync::Arc::new(caregate_filters::builtin::jwt_auth::keys::SystemClock),
+        )
+        .map_err(|e| ConfigError(e.to_string()))?;
     }
     Ok(built)
 }

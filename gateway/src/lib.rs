@@ -14,4 +14,5 @@ pub mod proxy;
 pub mod router;
 pub mod sandbox_server;
 pub mod server;
+pub mod tls_identity;
 pub mod upstream;

@@ -9,6 +9,7 @@ use crate::upstream::Pool;
 use async_trait::async_trait;
 use bytes::Bytes;
 use caregate_filters::ctx::DecisionRecord;
+use caregate_filters::identity::{PeerCertificate, Principal, Tenant};
 use caregate_filters::{Channel, Decision, LocalReply, Mode, ReplyBody, RequestCtx};
 use http::{header, HeaderValue, StatusCode};
 use ipnet::IpNet;
@@ -30,6 +31,8 @@ pub struct Gateway {
     pub trusted_proxies: Vec<IpNet>,
     pub keepalive_seconds: u64,
     pub max_header_bytes: usize,
+    /// Pool name -> index, for tenants that select their own pool.
+    pub pool_index: Arc<std::collections::HashMap<String, usize>>,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -40,6 +43,8 @@ pub struct Ctx {
     filters_ran: usize,
     tried: Vec<SocketAddr>,
     attempts: usize,
+    /// The pool serving this request (the route's, or the tenant's own).
+    pool: Option<usize>,
     current: Option<(usize, SocketAddr)>,
     connected_at: Option<Instant>,
     /// A reply decided during the body phase or upstream selection, rendered by fail_to_proxy.
@@ -336,6 +341,15 @@ impl Gateway {
         ctx.req.path = path;
         ctx.req.query = query.unwrap_or_default();
         ctx.route = Some(route);
+        let cert = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|d| d.extension.get::<PeerCertificate>())
+            .cloned();
+        if let Some(cert) = cert {
+            // The first fact of the request: cannot conflict.
+            let _ = ctx.req.facts.insert("gateway", cert);
+        }
         None
     }
 }
@@ -350,6 +364,37 @@ fn request_has_body(session: &Session) -> bool {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|n| n > BODY_LIMIT_FOR_CLOSE)
         .unwrap_or(false)
+}
+
+/// The verified identity, as the backends see it. Client-sent copies were stripped in hygiene.
+fn set_identity_headers(req: &mut pingora::http::RequestHeader, ctx: &RequestCtx) -> Result<()> {
+    let mut put = |name: &'static str, value: &str| -> Result<()> {
+        // A claim that is not a valid header value is left out rather than forwarded mangled.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            req.insert_header(name, v)?;
+        }
+        Ok(())
+    };
+    if let Some(p) = ctx.facts.get::<Principal>() {
+        put("x-caregate-subject", &p.subject)?;
+        put("x-caregate-auth-method", p.method.as_str())?;
+        if !p.roles.is_empty() {
+            put("x-caregate-roles", &p.roles.join(","))?;
+        }
+        if let Some(c) = &p.client_id {
+            put("x-caregate-client-id", c)?;
+        }
+        if let Some(s) = &p.system {
+            put("x-caregate-system", &s.name)?;
+        }
+        if let Some(pt) = &p.patient {
+            put("x-caregate-patient", pt)?;
+        }
+    }
+    if let Some(t) = ctx.facts.get::<Tenant>() {
+        put("x-caregate-tenant", &t.id)?;
+    }
+    Ok(())
 }
 
 fn set_request_id(resp: &mut ResponseHeader, id: &str) {
@@ -385,6 +430,7 @@ impl ProxyHttp for Gateway {
             filters_ran: 0,
             tried: Vec::new(),
             attempts: 0,
+            pool: None,
             current: None,
             connected_at: None,
             pending: None,
@@ -494,7 +540,15 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route");
         };
-        let Some(pool) = self.pools.get(route.pool) else {
+        let pool_idx = match ctx.req.facts.get::<Tenant>().and_then(|t| t.pool.as_ref()) {
+            Some(name) => match self.pool_index.get(name) {
+                Some(i) => *i,
+                None => return Error::e_explain(ErrorType::InternalError, "tenant pool missing"),
+            },
+            None => route.pool,
+        };
+        ctx.pool = Some(pool_idx);
+        let Some(pool) = self.pools.get(pool_idx) else {
             return Error::e_explain(ErrorType::InternalError, "route pool missing");
         };
         match pool.pick(&ctx.tried) {
@@ -528,7 +582,7 @@ impl ProxyHttp for Gateway {
             return e;
         };
         ctx.tried.push(addr);
-        let Some(pool) = ctx.route.as_ref().and_then(|r| self.pools.get(r.pool)) else {
+        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
             return e;
         };
         // Nothing was sent: any method may go to another backend, while attempts remain and
@@ -623,15 +677,20 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
-        let path = route.upstream_path(&ctx.req.path);
-        let uri = if ctx.req.query.is_empty() {
-            path
-        } else {
-            format!("{path}?{}", ctx.req.query)
+        // What goes upstream is the session's request as the filters left it (re-checked), mapped
+        // to the route's upstream prefix: one source of truth for the target.
+        let path = hygiene::normalize_path(upstream_request.uri.path()).map_err(|_| {
+            Error::explain(ErrorType::InternalError, "a filter left an invalid path")
+        })?;
+        let path = route.upstream_path(&path);
+        let uri = match upstream_request.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
         };
         let uri = http::Uri::try_from(uri.as_str())
             .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
         upstream_request.set_uri(uri);
+        set_identity_headers(upstream_request, &ctx.req)?;
         upstream_request.insert_header("x-request-id", ctx.req.request_id.as_str())?;
         if !ctx.forwarded_for.is_empty() {
             upstream_request.insert_header("x-forwarded-for", ctx.forwarded_for.as_str())?;
@@ -764,9 +823,9 @@ impl ProxyHttp for Gateway {
         metrics::REQUEST_DURATION
             .with_label_values(&[&*ctx.req.listener, route])
             .observe(ctx.req.started.elapsed().as_secs_f64());
-        if let (Some(r), Some((zone, _))) = (&ctx.route, ctx.current) {
+        if let (Some(p), Some((zone, _))) = (ctx.pool, ctx.current) {
             if zone > 0 && (200..500).contains(&status) {
-                if let Some(pool) = self.pools.get(r.pool) {
+                if let Some(pool) = self.pools.get(p) {
                     let from = pool.zones.first().map(|z| &*z.name).unwrap_or("");
                     let to = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
                     metrics::FAILOVERS

@@ -27,8 +27,22 @@ fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<Tl
             .map(str::to_string)
             .ok_or_else(|| format!("{what}: path {} is not UTF-8", p.display()))
     };
-    let mut tls = TlsSettings::intermediate(&path_str(&cert)?, &path_str(&key)?)
-        .map_err(|e| format!("{what}: cannot load certificate/key: {e}"))?;
+    let mut tls = if t.client_ca.is_some() {
+        // With client certificates, a callback reads the verified certificate's subject.
+        let mut tls =
+            TlsSettings::with_callbacks(Box::new(crate::tls_identity::ClientCertCallbacks))
+                .map_err(|e| format!("{what}: {e}"))?;
+        tls.set_private_key_file(&key, pingora::tls::ssl::SslFiletype::PEM)
+            .map_err(|e| format!("{what}: cannot load key {}: {e}", key.display()))?;
+        tls.set_certificate_chain_file(&cert)
+            .map_err(|e| format!("{what}: cannot load certificate {}: {e}", cert.display()))?;
+        tls.check_private_key()
+            .map_err(|e| format!("{what}: certificate and key do not match: {e}"))?;
+        tls
+    } else {
+        TlsSettings::intermediate(&path_str(&cert)?, &path_str(&key)?)
+            .map_err(|e| format!("{what}: cannot load certificate/key: {e}"))?
+    };
     tls.set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| format!("{what}: {e}"))?;
     if t.h2 {
@@ -45,6 +59,34 @@ fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<Tl
             .map_err(|e| format!("{what}: cannot load client CA: {e}"))?;
     }
     Ok(tls)
+}
+
+fn same_task(
+    a: &Arc<dyn caregate_filters::BackgroundTask>,
+    b: &Arc<dyn caregate_filters::BackgroundTask>,
+) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+/// Runs the filters' background tasks until shutdown.
+struct FilterTasks(Vec<Arc<dyn caregate_filters::BackgroundTask>>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for FilterTasks {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
+        for t in &self.0 {
+            let t = t.clone();
+            let rx = rx.clone();
+            handles.push(tokio::spawn(async move { t.run(rx).await }));
+        }
+        let _ = shutdown.changed().await;
+        let _ = tx.send(true);
+        for h in handles {
+            let _ = h.await;
+        }
+    }
 }
 
 /// Build the whole server from a validated config. `opt` carries Pingora's own flags
@@ -108,6 +150,24 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         .enumerate()
         .map(|(i, p)| (p.name.as_str(), i))
         .collect();
+    let pool_index_owned: Arc<HashMap<String, usize>> = Arc::new(
+        pool_index
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+    );
+    // Filters' background work (e.g. key-set refresh), each task once even when shared.
+    let mut tasks: Vec<Arc<dyn caregate_filters::BackgroundTask>> = Vec::new();
+    for f in loaded.route_filters.iter().flatten() {
+        if let Some(t) = f.background() {
+            if !tasks.iter().any(|x| same_task(x, &t)) {
+                tasks.push(t);
+            }
+        }
+    }
+    if !tasks.is_empty() {
+        server.add_service(background_service("filter tasks", FilterTasks(tasks)));
+    }
     for l in &cfg.listeners {
         let mut routes = Vec::new();
         for (i, r) in cfg.routes.iter().enumerate() {
@@ -137,6 +197,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             trusted_proxies: cfg.server.trusted_proxies.clone(),
             keepalive_seconds: cfg.server.downstream_keepalive_seconds,
             max_header_bytes: cfg.server.max_request_header_bytes,
+            pool_index: pool_index_owned.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let addr = l.listen.to_string();

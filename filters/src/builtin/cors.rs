@@ -392,9 +392,12 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.message.contains("cannot be combined"));
-        let e = build(serde_yaml::from_str("{allowed_origins: ['portal.example.org']}").unwrap(), &Default::default())
-            .err()
-            .unwrap();
+        let e = build(
+            serde_yaml::from_str("{allowed_origins: ['portal.example.org']}").unwrap(),
+            &Default::default(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.path, "config.allowed_origins[0]");
     }
 }

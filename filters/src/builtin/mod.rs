@@ -3,4 +3,8 @@
 
 pub mod cors;
 pub mod headers;
+pub mod ip_allow;
+pub mod jwt_auth;
+pub mod rbac;
 pub mod request_limits;
+pub mod tenant;

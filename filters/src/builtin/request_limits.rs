@@ -247,17 +247,26 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused() {
-        let e = build(serde_yaml::from_str("{methods: [GET, FETCH]}").unwrap(), &Default::default())
-            .err()
-            .unwrap();
+        let e = build(
+            serde_yaml::from_str("{methods: [GET, FETCH]}").unwrap(),
+            &Default::default(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.path, "config.methods[1]");
-        let e = build(serde_yaml::from_str("{methods: []}").unwrap(), &Default::default())
-            .err()
-            .unwrap();
+        let e = build(
+            serde_yaml::from_str("{methods: []}").unwrap(),
+            &Default::default(),
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.path, "config.methods");
-        let e = build(serde_yaml::from_str("{mode: maybe}").unwrap(), &Default::default())
-            .err()
-            .unwrap();
+        let e = build(
+            serde_yaml::from_str("{mode: maybe}").unwrap(),
+            &Default::default(),
+        )
+        .err()
+        .unwrap();
         assert!(e.path.starts_with("config"), "{e}");
     }
 }

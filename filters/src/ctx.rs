@@ -119,7 +119,8 @@ impl std::fmt::Debug for Facts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecisionRecord {
     pub filter: &'static str,
-    /// `allow`, `deny` or `shadow_deny`.
+    /// `deny`, `shadow_deny`, `answer` (a non-error local reply such as a CORS preflight) or
+    /// `error` (the filter failed).
     pub result: &'static str,
     /// Stable reason code (`none` for allow).
     pub reason: &'static str,
@@ -149,6 +150,9 @@ pub struct RequestCtx {
     pub facts: Facts,
     pub decisions: Vec<DecisionRecord>,
     pub started: Instant,
+    /// The upstream attempt (1 for the first; retries count up). A retry replays the request
+    /// body through the body hooks, so per-body state must be keyed by it.
+    pub attempt: u32,
 }
 
 impl RequestCtx {
@@ -166,6 +170,7 @@ impl RequestCtx {
             facts: Facts::default(),
             decisions: Vec::new(),
             started: Instant::now(),
+            attempt: 0,
         }
     }
 

@@ -380,14 +380,14 @@ pub fn substitute_env(
             rest = tail;
         } else if let Some(body) = after.strip_prefix("${") {
             let Some(end) = body.find('}') else {
-                let line = text[..text.len() - rest.len() + pos].lines().count().max(1);
+                let line = text[..text.len() - rest.len() + pos].matches('\n').count() + 1;
                 return err(format!("line {line}: unterminated ${{...}} reference"));
             };
             let name = &body[..end];
             let valid = !name.is_empty()
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.as_bytes()[0].is_ascii_digit();
-            let line = text[..text.len() - rest.len() + pos].lines().count().max(1);
+            let line = text[..text.len() - rest.len() + pos].matches('\n').count() + 1;
             if !valid {
                 return err(format!(
                     "line {line}: `${{{name}}}` is not a valid variable name"
@@ -501,6 +501,16 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>
         Ok(())
     };
     bind(c.admin.listen, "admin.listen".into())?;
+    if c.admin.token.as_deref() == Some("") {
+        return err(
+            "admin.token: is empty (an unset secret?); remove the key to run without a token",
+        );
+    }
+    if let Some(tls) = &c.admin.tls {
+        if tls.require_client_cert && tls.client_ca.is_none() {
+            return err("admin.tls.require_client_cert: needs client_ca");
+        }
+    }
     for (i, l) in c.listeners.iter().enumerate() {
         bind(l.listen, format!("listeners[{i}].listen"))?;
         if let Some(tls) = &l.tls {
@@ -565,6 +575,10 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>
             return err(format!("{at}.timeouts: every timeout must be positive"));
         }
         if let Some(tls) = &p.tls {
+            if tls.sni.trim().is_empty() {
+                // Pingora turns certificate verification off for an empty SNI.
+                return err(format!("{at}.tls.sni: must name the backend's certificate"));
+            }
             if tls.client_cert.is_some() != tls.client_key.is_some() {
                 return err(format!("{at}.tls: client_cert and client_key go together"));
             }
@@ -789,6 +803,8 @@ routes:
             "a: ${SECRET} $5"
         );
         let e = substitute_env("x: 1\na: ${MISSING}", look).err().unwrap().0;
+        assert_eq!(e, "line 2: environment variable MISSING is not set");
+        let e = substitute_env("a: 1\n${MISSING}: x", look).err().unwrap().0;
         assert_eq!(e, "line 2: environment variable MISSING is not set");
         assert!(substitute_env("a: ${", look).is_err());
         assert!(substitute_env("a: ${1X}", look).is_err());

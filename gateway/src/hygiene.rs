@@ -19,6 +19,7 @@ pub enum PathError {
     InvalidUtf8,
     Backslash,
     EscapesRoot,
+    DotSegmentParameter,
 }
 
 impl PathError {
@@ -32,6 +33,9 @@ impl PathError {
             PathError::InvalidUtf8 => "the path is not valid UTF-8",
             PathError::Backslash => "'\\' is not allowed in the path",
             PathError::EscapesRoot => "the path climbs above the root",
+            PathError::DotSegmentParameter => {
+                "a dot segment with parameters ('..;') is not allowed"
+            }
         }
     }
 }
@@ -119,6 +123,13 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         path.len() > 1 && (path.ends_with('/') || path.ends_with("/.") || path.ends_with("/.."));
     let mut segments: Vec<&str> = Vec::new();
     for seg in path.split('/') {
+        // `..;x` and `.;x` are dot segments to servlet containers, which strip path parameters
+        // before resolving: refuse them everywhere.
+        let before_param = seg.split([';']).next().unwrap_or(seg);
+        let before_param = before_param.split("%3B").next().unwrap_or(before_param);
+        if before_param.len() < seg.len() && (before_param == "." || before_param == "..") {
+            return Err(PathError::DotSegmentParameter);
+        }
         match seg {
             "" | "." => {}
             ".." => {
@@ -166,16 +177,63 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
-/// Whether a client-sent header name would alias one of the gateway's identity headers:
-/// `x-caregate-*` in any letter case and with `_` in place of `-`.
-pub fn is_reserved_identity_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase().replace('_', "-");
-    lower.starts_with("x-caregate-")
+/// A header name folded for comparison: lower case, every character that is not a letter or a
+/// digit turned into `-` (so `X_Caregate.Subject` and `x-caregate-subject` compare equal, as
+/// CGI-style backends would fold them).
+fn fold_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
-/// Remove what a client may not send upstream: every `x-caregate-*` alias, the headers named in
-/// `Connection`, hop-by-hop headers, and (when the peer is not a trusted proxy) the forwarding
-/// headers it could spoof.
+/// Whether a client-sent header name would alias one of the gateway's identity headers:
+/// `x-caregate-*` in any letter case and with `_` or `.` in place of `-`.
+pub fn is_reserved_identity_header(name: &str) -> bool {
+    fold_name(name).starts_with("x-caregate-")
+}
+
+/// Identity and override headers that backends commonly trust: never accepted from any client.
+const ALWAYS_STRIP: &[&str] = &[
+    "x-user",
+    "x-user-id",
+    "x-remote-user",
+    "remote-user",
+    "x-forwarded-user",
+    "x-authenticated-user",
+    "x-auth-user",
+    "x-tenant-id",
+    "x-patient-id",
+    "x-roles",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Forwarding headers believed only from trusted proxies.
+const FORWARDING: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+];
+
+/// Remove what a client may not send upstream: every `x-caregate-*` alias, identity and
+/// method/URL override headers, the headers named in `Connection`, hop-by-hop headers, and
+/// (when the peer is not a trusted proxy) the forwarding headers it could spoof.
 pub fn strip_untrusted_headers(req: &mut RequestHeader, peer_trusted: bool) {
     let mut to_remove: Vec<HeaderName> = Vec::new();
     for value in req.headers.get_all(http::header::CONNECTION) {
@@ -194,23 +252,18 @@ pub fn strip_untrusted_headers(req: &mut RequestHeader, peer_trusted: bool) {
         }
     }
     for (name, _) in req.headers.iter() {
-        if is_reserved_identity_header(name.as_str()) {
+        let folded = fold_name(name.as_str());
+        let forwarding = FORWARDING.contains(&folded.as_str());
+        if folded.starts_with("x-caregate-")
+            || ALWAYS_STRIP.contains(&folded.as_str())
+            || (forwarding && (!peer_trusted || folded != name.as_str()))
+        {
+            // (A forwarding header spelled with `_` or `.` is never a real proxy's.)
             to_remove.push(name.clone());
         }
     }
     for h in HOP_BY_HOP {
         to_remove.push(HeaderName::from_static(h));
-    }
-    if !peer_trusted {
-        for h in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-            "x-real-ip",
-        ] {
-            to_remove.push(HeaderName::from_static(h));
-        }
     }
     for name in to_remove {
         // remove_header returns the removed values; repeat for duplicates.
@@ -321,6 +374,10 @@ mod tests {
             ("/..", PathError::EscapesRoot),
             ("/fhir/../../etc", PathError::EscapesRoot),
             ("/%2e%2e/x", PathError::EscapesRoot),
+            ("/portal/..;/internal", PathError::DotSegmentParameter),
+            ("/portal/.;x/internal", PathError::DotSegmentParameter),
+            ("/portal/%2e%2e;/internal", PathError::DotSegmentParameter),
+            ("/portal/..%3b/internal", PathError::DotSegmentParameter),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize_path(raw), Err(want), "{raw}");
@@ -342,6 +399,13 @@ mod tests {
             ("X-Caregate-Subject", "admin"),
             ("x_caregate_roles", "admin"),
             ("X_CAREGATE_TENANT", "b"),
+            ("X.Caregate.Subject", "admin"),
+            ("x-user", "admin"),
+            ("X_Tenant_Id", "b"),
+            ("X-Original-URL", "/admin"),
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("x-forwarded-prefix", "/evil"),
+            ("true-client-ip", "1.1.1.1"),
             ("connection", "x-secret, keep-alive"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),

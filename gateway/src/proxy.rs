@@ -45,6 +45,8 @@ pub struct Ctx {
     attempts: usize,
     /// The pool serving this request (the route's, or the tenant's own).
     pool: Option<usize>,
+    /// The lowest-priority zone an attempt has gone to so far.
+    max_zone_tried: Option<usize>,
     current: Option<(usize, SocketAddr)>,
     connected_at: Option<Instant>,
     /// A reply decided during the body phase or upstream selection, rendered by fail_to_proxy.
@@ -138,8 +140,17 @@ impl Gateway {
         for (name, value) in reply.headers {
             resp.append_header(name, value)?;
         }
-        resp.set_content_length(body.len())?;
-        self.run_response_hooks(&mut resp, ctx)?;
+        let status = reply.status.as_u16();
+        if !(status == 204 || status == 304 || (100..200).contains(&status)) {
+            resp.set_content_length(body.len())?;
+        }
+        if let Err(e) = self.run_response_hooks(&mut resp, ctx) {
+            // The reply still goes out, without the hooks' edits.
+            log::error!(
+                "request {}: response hook failed on a local reply: {e}",
+                ctx.req.request_id
+            );
+        }
         set_request_id(&mut resp, &ctx.req.request_id);
         if request_has_body(session) || reply.status.is_server_error() {
             // Never leave an unread body (or a doubtful connection) to be parsed as the next
@@ -232,13 +243,26 @@ impl Gateway {
         }
 
         // Forwarding facts, from the headers as they came (believed only from trusted proxies).
+        // Every X-Forwarded-For line, in order: a proxy may add its own line after the
+        // client's.
         let xff_in = if peer_trusted {
-            req.headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+            let lines: Vec<&str> = req
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!lines.is_empty()).then(|| lines.join(", "))
         } else {
             None
+        };
+        // Repeated proto/host lines are ambiguous: believe none of them.
+        let single = |name: &str| {
+            let mut it = req.headers.get_all(name).iter();
+            match (it.next(), it.next()) {
+                (Some(v), None) => v.to_str().ok().map(str::to_string),
+                _ => None,
+            }
         };
         ctx.req.client_addr = hygiene::real_client(peer, xff_in.as_deref(), &self.trusted_proxies);
         ctx.forwarded_for = match (&xff_in, peer) {
@@ -248,31 +272,47 @@ impl Gateway {
             (None, None) => String::new(),
         };
         let proto_in = if peer_trusted {
-            req.headers
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| *v == "https" || *v == "http")
+            single("x-forwarded-proto")
+                .filter(|v| v == "https" || v == "http")
                 .map(|v| if v == "https" { "https" } else { "http" })
         } else {
             None
         };
         ctx.forwarded_proto = proto_in.unwrap_or(if self.tls { "https" } else { "http" });
         let host_in = if peer_trusted {
-            req.headers
-                .get("x-forwarded-host")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+            single("x-forwarded-host")
         } else {
             None
         };
-        ctx.forwarded_host = host_in.or_else(|| {
-            req.headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        });
+        let authority = req.uri.authority().map(|a| a.as_str().to_string());
+        ctx.forwarded_host = host_in
+            .or_else(|| {
+                req.headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .or_else(|| authority.clone());
+        let raw_utf8 = req.raw_path_is_utf8();
 
         hygiene::strip_untrusted_headers(session.req_header_mut(), peer_trusted);
+        // HTTP/2 clients send `:authority` and no Host: keep the host the route was chosen by
+        // for the backend, before the URI is reduced to path and query.
+        if !session.req_header().headers.contains_key(header::HOST) {
+            if let Some(a) = &authority {
+                if let Ok(v) = HeaderValue::from_str(a) {
+                    let _ = session.req_header_mut().insert_header(header::HOST, v);
+                }
+            }
+        }
+        if !raw_utf8 {
+            Self::record_gateway_denial(ctx, "bad_path");
+            return Some(LocalReply::error(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid UTF-8",
+            ));
+        }
 
         let path = match hygiene::normalize_path(&raw_path) {
             Ok(p) => p,
@@ -431,6 +471,7 @@ impl ProxyHttp for Gateway {
             tried: Vec::new(),
             attempts: 0,
             pool: None,
+            max_zone_tried: None,
             current: None,
             connected_at: None,
             pending: None,
@@ -551,9 +592,21 @@ impl ProxyHttp for Gateway {
         let Some(pool) = self.pools.get(pool_idx) else {
             return Error::e_explain(ErrorType::InternalError, "route pool missing");
         };
-        match pool.pick(&ctx.tried) {
+        // The last attempt goes to a later zone when one has a healthy backend, so a zone whose
+        // backends all still look healthy cannot use up the whole budget.
+        let last_attempt = ctx.attempts + 1 >= pool.max_attempts;
+        let pick = match ctx.max_zone_tried {
+            Some(z) if last_attempt => pool
+                .pick_from(&ctx.tried, z + 1)
+                .or_else(|| pool.pick(&ctx.tried)),
+            _ => pool.pick(&ctx.tried),
+        };
+        match pick {
             Some(pick) => {
                 ctx.attempts += 1;
+                ctx.req.attempt = ctx.attempts as u32;
+                ctx.max_zone_tried =
+                    Some(ctx.max_zone_tried.map_or(pick.zone, |z| z.max(pick.zone)));
                 ctx.current = Some((pick.zone, pick.addr));
                 Ok(pool.peer(pick.addr))
             }

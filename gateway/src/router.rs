@@ -101,20 +101,31 @@ impl RouteTable {
     }
 
     /// Match a normalised path. `host` is the request host without port, lower-case.
+    ///
+    /// The most specific route for host and path decides: when its method list refuses the
+    /// method, only routes of exactly the same host constraint and prefix (a prefix split by
+    /// method) are considered, never a shorter or looser route — otherwise a `DELETE` refused
+    /// by a strict route would slip through to a permissive parent route.
     pub fn lookup(&self, host: Option<&str>, path: &str, method: &str) -> RouteMatch<'_> {
-        let mut method_mismatch = None;
-        for r in &self.routes {
-            if r.host_matches(host) && r.path_matches(path) {
-                if r.method_matches(method) {
-                    return RouteMatch::Found(r);
-                }
-                method_mismatch.get_or_insert(r);
+        let mut candidates = self
+            .routes
+            .iter()
+            .filter(|r| r.host_matches(host) && r.path_matches(path));
+        let Some(first) = candidates.next() else {
+            return RouteMatch::NotFound;
+        };
+        if first.method_matches(method) {
+            return RouteMatch::Found(first);
+        }
+        for r in candidates {
+            if r.path_prefix != first.path_prefix || r.hosts != first.hosts {
+                break;
+            }
+            if r.method_matches(method) {
+                return RouteMatch::Found(r);
             }
         }
-        match method_mismatch {
-            Some(r) => RouteMatch::MethodNotAllowed(r),
-            None => RouteMatch::NotFound,
-        }
+        RouteMatch::MethodNotAllowed(first)
     }
 }
 
@@ -182,10 +193,28 @@ mod tests {
             found(&t, None, "/fhir/admin/x", "GET").as_deref(),
             Some("fhir-admin")
         );
-        // A method mismatch on the longer prefix falls through to the next matching route.
+        // A method refused by the most specific route is a 405 there, never a fall-through to
+        // the looser parent route.
         assert_eq!(
             found(&t, None, "/fhir/admin/x", "POST").as_deref(),
-            Some("fhir")
+            Some("405")
+        );
+        assert_eq!(
+            found(&t, Some("portal.example.org"), "/fhir/Patient", "POST").as_deref(),
+            Some("405")
+        );
+        // The same prefix split by method is still one decision.
+        let split = RouteTable::new(vec![
+            route("read", &[], "/fhir", &["GET"]),
+            route("write", &[], "/fhir", &["POST"]),
+        ]);
+        assert_eq!(
+            found(&split, None, "/fhir/Patient", "POST").as_deref(),
+            Some("write")
+        );
+        assert_eq!(
+            found(&split, None, "/fhir/Patient", "DELETE").as_deref(),
+            Some("405")
         );
         let t2 = RouteTable::new(vec![route("fhir", &[], "/fhir", &["GET"])]);
         assert_eq!(found(&t2, None, "/fhir", "DELETE").as_deref(), Some("405"));

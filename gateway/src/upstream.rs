@@ -46,6 +46,8 @@ pub struct Pool {
     pub timeouts: crate::config::TimeoutConfig,
     pub tls: Option<PeerTls>,
     pub health_interval: Duration,
+    /// Health passes needed before a backend's state is settled.
+    pub settle_passes: usize,
 }
 
 /// A backend picked for one attempt.
@@ -57,7 +59,12 @@ pub struct Pick {
 impl Pool {
     /// The first healthy, untried backend, zones in priority order.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Pick> {
-        for (zi, zone) in self.zones.iter().enumerate() {
+        self.pick_from(tried, 0)
+    }
+
+    /// Like [`Pool::pick`], starting at zone `first_zone`.
+    pub fn pick_from(&self, tried: &[SocketAddr], first_zone: usize) -> Option<Pick> {
+        for (zi, zone) in self.zones.iter().enumerate().skip(first_zone) {
             let iterations = zone.backends.len().max(1) * 2;
             let found = zone.lb.select_with(b"", iterations, |b, healthy| {
                 healthy
@@ -219,6 +226,7 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
         timeouts: pc.timeouts.clone(),
         tls,
         health_interval: Duration::from_millis(hc_conf.interval_ms),
+        settle_passes: hc_conf.consecutive_failure.max(hc_conf.consecutive_success),
     })
 }
 
@@ -271,10 +279,13 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // First pass of everything, then readiness.
+        // Backends start healthy in Pingora: run as many passes as the thresholds need to
+        // settle every backend's state before declaring the gateway ready.
         for pool in &self.pools {
-            for zone in &pool.zones {
-                check_zone(pool, zone).await;
+            for _ in 0..pool.settle_passes.max(1) {
+                for zone in &pool.zones {
+                    check_zone(pool, zone).await;
+                }
             }
         }
         self.readiness.pools_checked.store(true, Ordering::Release);

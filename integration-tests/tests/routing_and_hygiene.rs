@@ -237,8 +237,20 @@ fn routing_channels_hygiene_and_errors() {
     let r = get(s.public, "/fhir/../api/v1/x");
     assert_eq!(r.json()["backend"], "api");
     assert_eq!(r.json()["target"], "/api/v1/x");
-    // Non-FHIR routes also refuse encoded slashes (problem+json there).
+    // Non-FHIR routes also refuse encoded slashes and servlet-style `..;` segments.
     assert_problem(&get(s.public, "/api/a%2Fb"), 400, "bad_path");
+    assert_problem(
+        &get(s.public, "/api/..;/internal/fhir/Patient/9"),
+        400,
+        "bad_path",
+    );
+    // A header section over the bound is refused with 431.
+    let huge = "x".repeat(40 * 1024);
+    assert_problem(
+        &request(s.public, "GET", "/api/v1/x", &[("X-Big", &huge)], b""),
+        431,
+        "header_too_large",
+    );
 
     // --- identity spoofing and hop-by-hop headers never reach the backend ---
     let r = request(
@@ -250,6 +262,10 @@ fn routing_channels_hygiene_and_errors() {
             ("x-caregate-tenant", "hospital-b"),
             ("X_Caregate_Roles", "superuser"),
             ("x-CAREGATE_patient", "p1"),
+            ("X.Caregate.Subject", "admin"),
+            ("X-User", "admin"),
+            ("X-Original-URL", "/internal/fhir/Patient"),
+            ("X-HTTP-Method-Override", "DELETE"),
             ("Connection", "keep-alive, X-Secret-Hop"),
             ("X-Secret-Hop", "1"),
             ("Keep-Alive", "timeout=5"),
@@ -268,7 +284,15 @@ fn routing_channels_hygiene_and_errors() {
         let norm = k.to_ascii_lowercase().replace('_', "-");
         assert!(!norm.starts_with("x-caregate-"), "{k} reached the backend");
     }
-    for h in ["x-secret-hop", "keep-alive", "proxy-authorization", "te"] {
+    for h in [
+        "x-secret-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "x-user",
+        "x-original-url",
+        "x-http-method-override",
+    ] {
         assert!(!last.has_header(h), "{h} reached the backend");
     }
     assert_eq!(

@@ -52,8 +52,12 @@ pub struct HeadersFilter {
 fn header_name(path: &str, name: &str) -> std::result::Result<HeaderName, BuildError> {
     let parsed = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| BuildError::new(path, format!("`{name}` is not a valid header name")))?;
-    let reserved = parsed.as_str().replace('_', "-");
-    if reserved.starts_with("x-caregate-") {
+    let folded: String = parsed
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    if folded.starts_with("x-caregate-") {
         return Err(BuildError::new(
             path,
             format!("`{name}` is reserved for the gateway's verified identity headers"),

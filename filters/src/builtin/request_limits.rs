@@ -38,9 +38,13 @@ pub struct RequestLimitsFilter {
     mode: Mode,
 }
 
-/// Bytes of request body seen so far (written only by this filter).
+/// Bytes of request body seen so far in the current upstream attempt (written only by this
+/// filter; a retry replays the body, so the count restarts with each attempt).
 #[derive(Debug, Default)]
-pub struct BodyBytesSeen(pub u64);
+pub struct BodyBytesSeen {
+    pub attempt: u32,
+    pub bytes: u64,
+}
 
 const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
@@ -173,17 +177,21 @@ impl Filter for RequestLimitsFilter {
         let n = chunk.as_ref().map(|b| b.len() as u64).unwrap_or(0);
         if ctx.facts.get::<BodyBytesSeen>().is_none() {
             // Cannot fail: checked just above, and only this filter writes the fact.
-            let _ = ctx.facts.insert("request_limits", BodyBytesSeen(0));
+            let _ = ctx.facts.insert("request_limits", BodyBytesSeen::default());
         }
+        let attempt = ctx.attempt;
         let seen = match ctx.facts.get_mut::<BodyBytesSeen>("request_limits") {
             Some(s) => {
-                s.0 = s.0.saturating_add(n);
-                s.0
+                if s.attempt != attempt {
+                    *s = BodyBytesSeen { attempt, bytes: 0 };
+                }
+                s.bytes = s.bytes.saturating_add(n);
+                s.bytes
             }
             None => n,
         };
-        if seen > max {
-            *chunk = None;
+        // Only the first chunk past the limit is reported, so a shadowed limit is counted once.
+        if seen > max && seen - n <= max {
             return Ok(Decision::Respond(too_large()));
         }
         Ok(Decision::Continue)
@@ -242,7 +250,10 @@ mod tests {
         let mut c = Some(Bytes::from_static(b"1"));
         let r = reply(f.request_body_filter(&mut c, true, &mut ctx).unwrap()).unwrap();
         assert_eq!(r.reason, "payload_too_large");
-        assert!(c.is_none(), "the chunk over the limit is not forwarded");
+        // A retry replays the body: the count starts again.
+        ctx.attempt = 2;
+        let mut c = Some(Bytes::from_static(b"1234567890"));
+        assert!(reply(f.request_body_filter(&mut c, true, &mut ctx).unwrap()).is_none());
     }
 
     #[test]

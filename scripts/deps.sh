@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Installs the system packages caregate needs to build and test on Debian/Ubuntu:
-# cmake (Pingora's zlib-ng), a C toolchain and perl (vendored OpenSSL), pkg-config.
+# Installs what caregate needs to build and test on Debian/Ubuntu: cmake (Pingora's zlib-ng), a C
+# toolchain and perl (vendored OpenSSL), pkg-config, curl and openssl (TLS tests), Node.js and npm
+# (the OpenID provider the identity tests run), and that provider's npm packages.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=()
 for pkg in cmake build-essential perl pkg-config curl openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+if [ "${1:-}" = "--with-test-peers" ]; then
+  npm ci --prefix integration-tests/peers/oidc --no-audit --no-fund --loglevel=error
 fi

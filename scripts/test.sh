@@ -3,6 +3,6 @@
 # start, and runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/deps.sh
+bash scripts/deps.sh --with-test-peers
 cargo build -p caregate --bins
 cargo test --workspace --all-targets "$@"

@@ -20,9 +20,19 @@ listeners:
   - name: internal
     channel: internal
     listen: "127.0.0.1:{ehr_tls}"
-    tls: {{ cert: "{cert}", key: "{key}", client_ca: "{ca}", require_client_cert: true }}
+    tls: {{ cert: "{cert}", key: "{key}", client_ca: "{ca}", require_client_cert: false }}
+auth:
+  client_certificates:
+    - {{ common_name: lab-interface-engine, system: lab-interface-engine, tenant: hospital-a, roles: [lab_system] }}
 pools: [ {{ name: ehr, zones: [ {{ name: a, backends: [ {{ address: "{ehr}" }} ] }} ] }} ]
-routes: [ {{ name: ehr, listener: internal, path_prefix: /, pool: ehr }} ]
+routes:
+  - name: ehr
+    listener: internal
+    path_prefix: /
+    pool: ehr
+    filters:
+      - {{ kind: jwt_auth, config: {{ bearer: off, client_certificate: required }} }}
+      - {{ kind: rbac, config: {{ rules: [ {{ effect: allow, roles: [lab_system], channels: [internal] }} ] }} }}
 "#,
         cert = pki.path("server.crt"),
         key = pki.path("server.key"),
@@ -76,8 +86,17 @@ routes: [ {{ name: ehr, listener: public, path_prefix: /ehr, pool: ehr }} ]
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["backend"], "ehr");
     assert_eq!(v["target"], "/ehr/Patient/1");
-    // The EHR side saw the request arrive over TLS.
+    // The EHR side saw the request arrive over TLS, from the system its certificate names.
     assert_eq!(v["headers"]["x-forwarded-proto"][0], "https");
+    assert_eq!(
+        v["headers"]["x-caregate-subject"][0],
+        "lab-interface-engine"
+    );
+    assert_eq!(v["headers"]["x-caregate-system"][0], "lab-interface-engine");
+    assert_eq!(
+        v["headers"]["x-caregate-auth-method"][0],
+        "client_certificate"
+    );
 
     // HTTP/1.1 works too; TLS 1.1 is refused.
     let (ok, out) = curl(&[
@@ -109,8 +128,21 @@ routes: [ {{ name: ehr, listener: public, path_prefix: /ehr, pool: ehr }} ]
     let ehr_url = format!("https://localhost:{ehr_tls}/Patient/2");
     let ehr_resolve = format!("localhost:{ehr_tls}:127.0.0.1");
     let before = ehr.count();
-    let (ok, _) = curl(&["--cacert", &ca, "--resolve", &ehr_resolve, &ehr_url]);
-    assert!(!ok, "no client certificate must be refused");
+    let (ok, out) = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &ehr_resolve,
+        "-w",
+        "\n%{http_code}",
+        &ehr_url,
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.ends_with("\n403"),
+        "no client certificate must be refused: {out}"
+    );
+    assert!(out.contains("client_certificate_required"), "{out}");
     let (ok, _) = curl(&[
         "--cacert",
         &ca,

@@ -122,6 +122,10 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     #[serde(default)]
     pub tls: Option<TlsListenerConfig>,
+    /// Filters that run first on every route of this listener (e.g. an `ip_allow` for the whole
+    /// internal channel).
+    #[serde(default)]
+    pub filters: Vec<FilterSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -424,6 +428,8 @@ pub struct Loaded {
     pub config: Config,
     /// Filters of each route, in route order (index = route index).
     pub route_filters: Vec<Vec<Arc<dyn Filter>>>,
+    /// Filters of each listener (index = listener index), run before the route's own.
+    pub listener_filters: Vec<Vec<Arc<dyn Filter>>>,
     /// The directory relative paths are resolved against.
     pub base_dir: PathBuf,
 }
@@ -452,10 +458,11 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parse and validate config text.
 pub fn load_str(text: &str, base_dir: PathBuf) -> Result<Loaded, ConfigError> {
     let config = parse(text)?;
-    let route_filters = validate(&config, &base_dir)?;
+    let (route_filters, listener_filters) = validate(&config, &base_dir)?;
     Ok(Loaded {
         config,
         route_filters,
+        listener_filters,
         base_dir,
     })
 }
@@ -479,7 +486,11 @@ fn unique<'a>(
 }
 
 /// Check cross-references and values; build every route's filters.
-pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>, ConfigError> {
+/// The filters built from a config: per route, and per listener.
+pub type BuiltFilters = (Vec<Vec<Arc<dyn Filter>>>, Vec<Vec<Arc<dyn Filter>>>);
+
+/// Check cross-references and values; build every route's and listener's filters.
+pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError> {
     if c.server.threads == 0 {
         return err("server.threads: must be at least 1");
     }
@@ -693,6 +704,17 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>
         }
         built.push(filters);
     }
+    let mut listener_built = Vec::with_capacity(c.listeners.len());
+    for (i, l) in c.listeners.iter().enumerate() {
+        let mut filters = Vec::with_capacity(l.filters.len());
+        for (f, spec) in l.filters.iter().enumerate() {
+            let filter = registry.build(spec, &cx).map_err(|e| {
+                ConfigError(format!("listeners[{i}].filters[{f}] ({}): {e}", spec.kind))
+            })?;
+            filters.push(filter);
+        }
+        listener_built.push(filters);
+    }
     // Report errors in `auth` even when no route uses jwt_auth yet.
     if cx.shared.issuer_set.get().is_none() && !c.auth.issuers.is_empty() {
         caregate_filters::builtin::jwt_auth::IssuerSet::build(
@@ -702,7 +724,7 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<Vec<Vec<Arc<dyn Filter>>>
         )
         .map_err(|e| ConfigError(e.to_string()))?;
     }
-    Ok(built)
+    Ok((built, listener_built))
 }
 
 #[cfg(test)]

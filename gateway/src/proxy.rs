@@ -508,7 +508,11 @@ impl ProxyHttp for Gateway {
                 .request_filter(session.req_header_mut(), &mut ctx.req)
                 .await;
             match decision {
-                Ok(Decision::Continue) => {}
+                Ok(Decision::Continue) => {
+                    metrics::FILTER_DECISIONS
+                        .with_label_values(&[f.kind(), "allow", "none"])
+                        .inc();
+                }
                 Ok(Decision::Respond(reply)) => {
                     if reply.is_denial() && mode == Mode::Shadow {
                         count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);

@@ -158,7 +158,12 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     );
     // Filters' background work (e.g. key-set refresh), each task once even when shared.
     let mut tasks: Vec<Arc<dyn caregate_filters::BackgroundTask>> = Vec::new();
-    for f in loaded.route_filters.iter().flatten() {
+    for f in loaded
+        .route_filters
+        .iter()
+        .chain(loaded.listener_filters.iter())
+        .flatten()
+    {
         if let Some(t) = f.background() {
             if !tasks.iter().any(|x| same_task(x, &t)) {
                 tasks.push(t);
@@ -168,7 +173,8 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     if !tasks.is_empty() {
         server.add_service(background_service("filter tasks", FilterTasks(tasks)));
     }
-    for l in &cfg.listeners {
+    for (li, l) in cfg.listeners.iter().enumerate() {
+        let listener_filters = loaded.listener_filters.get(li).cloned().unwrap_or_default();
         let mut routes = Vec::new();
         for (i, r) in cfg.routes.iter().enumerate() {
             if r.listener != l.name {
@@ -185,7 +191,11 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
                 fhir: r.fhir,
                 pool,
                 upstream_prefix: r.upstream_prefix.clone(),
-                filters: loaded.route_filters.get(i).cloned().unwrap_or_default(),
+                filters: listener_filters
+                    .iter()
+                    .cloned()
+                    .chain(loaded.route_filters.get(i).cloned().unwrap_or_default())
+                    .collect(),
             }));
         }
         let gw = Gateway {

@@ -344,6 +344,29 @@ pub fn try_request(
     read_response(&mut r, method == "HEAD")
 }
 
+/// One request from a chosen loopback source address (e.g. 127.0.0.3).
+pub fn request_from(
+    src: std::net::IpAddr,
+    to: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Response {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(src, 0).into()).unwrap();
+    sock.connect_timeout(&to.into(), Duration::from_secs(2))
+        .unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {to}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(s), method == "HEAD").unwrap()
+}
+
 pub fn request(
     to: SocketAddr,
     method: &str,

@@ -35,6 +35,9 @@ pub struct Config {
     /// The hospitals of a multi-hospital organisation.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// One JSON line per request, without PHI.
+    #[serde(default)]
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,6 +5,7 @@
 //! in `caregate-filters`.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod errors;

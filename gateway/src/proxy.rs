@@ -1,6 +1,7 @@
 //! The `ProxyHttp` implementation: request hygiene, routing, the filter chain, zone failover
 //! and the one place where errors become responses.
 
+use crate::access_log::{rfc3339_millis, AccessLog, TraceContext};
 use crate::errors;
 use crate::hygiene;
 use crate::metrics;
@@ -33,6 +34,7 @@ pub struct Gateway {
     pub max_header_bytes: usize,
     /// Pool name -> index, for tenants that select their own pool.
     pub pool_index: Arc<std::collections::HashMap<String, usize>>,
+    pub access_log: Option<AccessLog>,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -54,6 +56,11 @@ pub struct Ctx {
     forwarded_for: String,
     forwarded_proto: &'static str,
     forwarded_host: Option<String>,
+    trace: Option<TraceContext>,
+    /// The reason code of a failed exchange (upstream error, timeout, ...).
+    error_reason: Option<&'static str>,
+    /// Time to the upstream response header, for the access log.
+    upstream_ms: Option<f64>,
 }
 
 const BODY_LIMIT_FOR_CLOSE: u64 = 0;
@@ -294,6 +301,10 @@ impl Gateway {
             })
             .or_else(|| authority.clone());
         let raw_utf8 = req.raw_path_is_utf8();
+        ctx.trace = Some(TraceContext::from_headers(
+            req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            req.headers.get("tracestate").and_then(|v| v.to_str().ok()),
+        ));
 
         hygiene::strip_untrusted_headers(session.req_header_mut(), peer_trusted);
         // HTTP/2 clients send `:authority` and no Host: keep the host the route was chosen by
@@ -394,6 +405,46 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The access log line of a request. Only bounded, non-identifying values: the route and
+    /// its template, never the path, query, ids, tokens or the client address.
+    fn access_line(&self, session: &Session, ctx: &Ctx, status: u16) -> String {
+        let (zone, backend) = match (ctx.pool.and_then(|p| self.pools.get(p)), ctx.current) {
+            (Some(pool), Some((z, addr))) => (
+                pool.zones.get(z).map(|z| z.name.to_string()),
+                Some(addr.to_string()),
+            ),
+            _ => (None, None),
+        };
+        let template = ctx.route.as_ref().map(|r| {
+            if r.path_prefix == "/" {
+                "/*".to_string()
+            } else {
+                format!("{}/*", r.path_prefix)
+            }
+        });
+        serde_json::json!({
+            "time": rfc3339_millis(std::time::SystemTime::now()),
+            "request_id": ctx.req.request_id,
+            "trace_id": ctx.trace.as_ref().map(|t| t.trace_id.clone()),
+            "listener": &*ctx.req.listener,
+            "route": ctx.req.route.as_deref(),
+            "route_template": template,
+            "method": metrics::method_label(&ctx.req.method),
+            "status": status,
+            "reason": ctx.error_reason.or_else(|| ctx.req.deny_reason()),
+            "duration_ms": (ctx.req.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            "upstream_ms": ctx.upstream_ms.map(|m| (m * 1000.0).round() / 1000.0),
+            "pool": ctx.pool.and_then(|p| self.pools.get(p)).map(|p| p.name.to_string()),
+            "zone": zone,
+            "backend": backend,
+            "attempts": ctx.attempts,
+            "bytes_sent": session.body_bytes_sent(),
+        })
+        .to_string()
+    }
+}
+
 fn request_has_body(session: &Session) -> bool {
     let h = &session.req_header().headers;
     if h.contains_key(header::TRANSFER_ENCODING) {
@@ -478,6 +529,9 @@ impl ProxyHttp for Gateway {
             forwarded_for: String::new(),
             forwarded_proto: "http",
             forwarded_host: None,
+            trace: None,
+            error_reason: None,
+            upstream_ms: None,
         }
     }
 
@@ -748,6 +802,19 @@ impl ProxyHttp for Gateway {
             .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
         upstream_request.set_uri(uri);
         set_identity_headers(upstream_request, &ctx.req)?;
+        if let Some(t) = &ctx.trace {
+            upstream_request.insert_header("traceparent", t.traceparent())?;
+            match &t.tracestate {
+                Some(ts) => {
+                    if let Ok(v) = HeaderValue::from_str(ts) {
+                        upstream_request.insert_header("tracestate", v)?;
+                    }
+                }
+                None => {
+                    upstream_request.remove_header("tracestate");
+                }
+            }
+        }
         upstream_request.insert_header("x-request-id", ctx.req.request_id.as_str())?;
         if !ctx.forwarded_for.is_empty() {
             upstream_request.insert_header("x-forwarded-for", ctx.forwarded_for.as_str())?;
@@ -785,9 +852,11 @@ impl ProxyHttp for Gateway {
         {
             if let Some(pool) = self.pools.get(route.pool) {
                 let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+                let secs = at.elapsed().as_secs_f64();
+                ctx.upstream_ms = Some(secs * 1000.0);
                 metrics::UPSTREAM_DURATION
                     .with_label_values(&[&*pool.name, zone_name])
-                    .observe(at.elapsed().as_secs_f64());
+                    .observe(secs);
             }
         }
         Ok(())
@@ -833,6 +902,7 @@ impl ProxyHttp for Gateway {
         let code = match reply {
             Some(reply) => {
                 let code = reply.status.as_u16();
+                ctx.error_reason = Some(reply.reason);
                 if session.response_written().is_none() {
                     if let Err(we) = self.send_reply(session, ctx, reply).await {
                         log::warn!(
@@ -897,6 +967,9 @@ impl ProxyHttp for Gateway {
                     f.logging(&ctx.req);
                 }
             }
+        }
+        if let Some(log) = &self.access_log {
+            log.write(self.access_line(session, ctx, status));
         }
     }
 }

@@ -114,6 +114,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
+    let access_log = crate::access_log::AccessLog::start(&cfg.access_log, |p| loaded.resolve(p))?;
     let mut controls = HashMap::new();
     for s in &cfg.sandboxes {
         let base = s.base_url();
@@ -208,6 +209,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             keepalive_seconds: cfg.server.downstream_keepalive_seconds,
             max_header_bytes: cfg.server.max_request_header_bytes,
             pool_index: pool_index_owned.clone(),
+            access_log: access_log.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let addr = l.listen.to_string();

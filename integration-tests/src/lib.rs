@@ -420,6 +420,7 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub name: String,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EchoServer {
@@ -433,8 +434,14 @@ impl EchoServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let name2 = name.to_string();
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped2 = stopped.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
+                if stopped2.load(Ordering::SeqCst) {
+                    // Dropping the listener closes the port: connects are refused from now on.
+                    return;
+                }
                 let Ok(stream) = stream else { continue };
                 let seen = seen2.clone();
                 let name = name2.clone();
@@ -445,7 +452,17 @@ impl EchoServer {
             addr,
             seen,
             name: name.to_string(),
+            stopped,
         }
+    }
+
+    /// Close the listening socket (connections are refused afterwards) and wait until it is.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        wait_until("echo server closed", Duration::from_secs(5), || {
+            TcpStream::connect(self.addr).is_err()
+        });
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -148,7 +148,8 @@ fn a_post_whose_connection_failed_after_sending_is_not_sent_twice() {
     let dropper = EchoServer::start_with("dropper", EchoMode::DropAfterRequest);
     let standby = EchoServer::start("standby");
     let (public, admin) = (free_port(), free_port());
-    let dead_port = free_port();
+    // Healthy at start-up, closed afterwards: the health checker still believes in it.
+    let soon_dead = EchoServer::start("soon-dead");
     let yaml = format!(
         r#"
 server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
@@ -163,18 +164,20 @@ pools:
     timeouts: {{ connect_ms: 300, read_ms: 3000, write_ms: 3000, idle_ms: 20000 }}
   - name: dead
     zones:
-      - {{ name: a, backends: [ {{ address: "127.0.0.1:{dead_port}" }} ] }}
+      - {{ name: a, backends: [ {{ address: "{dead}" }} ] }}
       - {{ name: b, backends: [ {{ address: "{s}" }} ] }}
-    health_check: {{ interval_ms: 60000, consecutive_failure: 100 }}
+    health_check: {{ interval_ms: 60000 }}
 routes:
   - {{ name: app, listener: public, path_prefix: /app, pool: app }}
   - {{ name: dead, listener: public, path_prefix: /dead, pool: dead }}
 "#,
         d = dropper.addr,
-        s = standby.addr
+        s = standby.addr,
+        dead = soon_dead.addr
     );
     let _gw = Gateway::start(&yaml, admin);
     let gw = addr(public);
+    soon_dead.stop();
 
     let r = request(
         gw,

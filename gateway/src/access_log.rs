@@ -1,0 +1,262 @@
+//! The access log: one JSON line per request, written off the request path.
+//!
+//! It holds no PHI: no query string or values, no resource ids, no raw path (only the route and
+//! its template), no tokens, no client address (an IP address is a HIPAA identifier). Lines go
+//! through a bounded queue to a writer thread; when the queue is full a line is dropped and
+//! counted in `caregate_access_log_dropped_total` rather than slowing a request down.
+
+use once_cell::sync::Lazy;
+use prometheus::{register_int_counter, IntCounter};
+use serde::Deserialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+#[allow(clippy::expect_used)]
+static DROPPED: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!(
+        "caregate_access_log_dropped_total",
+        "Access log lines dropped because the writer could not keep up."
+    )
+    .expect("register caregate_access_log_dropped_total")
+});
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A file to append to; stdout when absent.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default = "d_queue")]
+    pub queue_capacity: usize,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            path: None,
+            queue_capacity: d_queue(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn d_queue() -> usize {
+    65_536
+}
+
+/// The writer's end of the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: SyncSender<String>,
+}
+
+impl AccessLog {
+    /// Start the writer thread. The file (if any) is opened for append now, so a bad path is a
+    /// start-up error.
+    pub fn start(
+        cfg: &AccessLogConfig,
+        resolve: impl Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<Option<AccessLog>, String> {
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        Lazy::force(&DROPPED);
+        let mut out: Box<dyn Write + Send> = match &cfg.path {
+            Some(p) => {
+                let p = resolve(p);
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|e| format!("access log {}: {e}", p.display()))?;
+                Box::new(std::io::BufWriter::new(f))
+            }
+            None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+        };
+        let (tx, rx) = sync_channel::<String>(cfg.queue_capacity.max(1));
+        std::thread::Builder::new()
+            .name("caregate-access-log".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.write_all(b"\n");
+                    // Flush when the queue is drained, so lines appear promptly but in batches.
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = out.write_all(more.as_bytes());
+                        let _ = out.write_all(b"\n");
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .map_err(|e| format!("access log thread: {e}"))?;
+        Ok(Some(AccessLog { tx }))
+    }
+
+    pub fn write(&self, line: String) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => DROPPED.inc(),
+        }
+    }
+}
+
+/// The W3C trace context of a request: the incoming trace continued, or a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: String,
+    /// This hop's span id (the parent id sent upstream).
+    pub span_id: String,
+    pub flags: String,
+    /// `tracestate`, forwarded only with a valid incoming `traceparent`.
+    pub tracestate: Option<String>,
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn random_hex(bytes: usize) -> String {
+    loop {
+        let v: u128 = rand::random();
+        let h = format!("{v:032x}");
+        let h = h[..bytes * 2].to_string();
+        if h.bytes().any(|b| b != b'0') {
+            return h;
+        }
+    }
+}
+
+impl TraceContext {
+    /// Continue a valid `traceparent` (version 00; a later version is read by its first four
+    /// fields, as the spec asks), or start a new, sampled trace.
+    pub fn from_headers(traceparent: Option<&str>, tracestate: Option<&str>) -> TraceContext {
+        if let Some(tp) = traceparent {
+            let parts: Vec<&str> = tp.trim().split('-').collect();
+            if parts.len() >= 4 {
+                let (version, trace, parent, flags) = (parts[0], parts[1], parts[2], parts[3]);
+                let version_ok =
+                    is_hex(version, 2) && version != "ff" && (version != "00" || parts.len() == 4);
+                if version_ok
+                    && is_hex(trace, 32)
+                    && trace.bytes().any(|b| b != b'0')
+                    && is_hex(parent, 16)
+                    && parent.bytes().any(|b| b != b'0')
+                    && is_hex(flags, 2)
+                {
+                    return TraceContext {
+                        trace_id: trace.to_string(),
+                        span_id: random_hex(8),
+                        flags: flags.to_string(),
+                        tracestate: tracestate
+                            .filter(|s| s.len() <= 512 && s.is_ascii())
+                            .map(str::to_string),
+                    };
+                }
+            }
+        }
+        TraceContext {
+            trace_id: random_hex(16),
+            span_id: random_hex(8),
+            flags: "01".into(),
+            tracestate: None,
+        }
+    }
+
+    /// The `traceparent` sent upstream: same trace, this hop as the parent.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_valid_and_restarts_invalid_traces() {
+        let t = TraceContext::from_headers(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("congo=t61rcWkgMzE"),
+        );
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(t.span_id, "00f067aa0ba902b7");
+        assert_eq!(t.flags, "01");
+        assert_eq!(t.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        let tp = t.traceparent();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"));
+
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            let t = TraceContext::from_headers(Some(bad), Some("x=y"));
+            assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert!(
+                t.tracestate.is_none(),
+                "tracestate dropped with an invalid traceparent"
+            );
+            assert_eq!(t.trace_id.len(), 32);
+        }
+        // A future version is read by its first four fields.
+        let t = TraceContext::from_headers(
+            Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"),
+            None,
+        );
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time since the epoch.
+pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH + Duration::from_millis(1_795_877_695_123)),
+            "2026-11-28T14:54:55.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+}

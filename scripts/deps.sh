@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what caregate needs to build and test on Debian/Ubuntu: cmake (Pingora's zlib-ng), a C
 # toolchain and perl (vendored OpenSSL), pkg-config, curl and openssl (TLS tests), Node.js and npm
-# (the OpenID provider the identity tests run), and that provider's npm packages.
+# (the OpenID provider and the FHIR schema validator the tests run), and their npm packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -17,5 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 if [ "${1:-}" = "--with-test-peers" ]; then
-  npm ci --prefix integration-tests/peers/oidc --no-audit --no-fund --loglevel=error
+  for peer in integration-tests/peers/oidc integration-tests/peers/fhir-schema; do
+    npm ci --prefix "$peer" --no-audit --no-fund --loglevel=error
+  done
 fi

@@ -1,7 +1,8 @@
 //! The admin listener: the gateway's own small HTTP app.
 //!
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 once every pool has had its first health-check pass, 503 before.
+//! - `GET /readyz`: 200 once every pool has had its settling health-check passes and while the
+//!   audit sink (if any) writes; 503 otherwise.
 //! - `GET /metrics`: the Prometheus text of the default registry.
 //! - `POST /sandbox/{name}/outage` and `POST /sandbox/{name}/restore`: switch a built-in
 //!   sandbox backend into a simulated outage and back (demo and tests).
@@ -21,6 +22,9 @@ use std::sync::Arc;
 
 pub struct AdminApp {
     pub readiness: Arc<Readiness>,
+    /// Not ready while the audit sink fails: the load balancer should send PHI traffic to
+    /// replicas that can audit it.
+    pub audit: Option<Arc<caregate_audit::AuditSink>>,
     pub token: Option<String>,
     pub sandboxes: HashMap<String, Arc<SandboxControl>>,
 }
@@ -81,13 +85,15 @@ impl ServeHttp for AdminApp {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => return plain(200, "ok\n"),
             ("GET", "/readyz") => {
-                return if self.readiness.ready() {
-                    plain(200, "ready\n")
-                } else {
+                return if !self.readiness.ready() {
                     plain(
                         503,
                         "not ready: upstream health checks have not completed\n",
                     )
+                } else if self.audit.as_ref().map(|a| !a.healthy()).unwrap_or(false) {
+                    plain(503, "not ready: the audit sink is failing\n")
+                } else {
+                    plain(200, "ready\n")
                 }
             }
             _ => {}

@@ -38,6 +38,9 @@ pub struct Config {
     /// One JSON line per request, without PHI.
     #[serde(default)]
     pub access_log: crate::access_log::AccessLogConfig,
+    /// The PHI audit trail; required when any route has `phi: true`.
+    #[serde(default)]
+    pub audit: Option<caregate_audit::AuditConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -649,6 +652,18 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
     }
 
+    if let Some(a) = &c.audit {
+        a.validate().map_err(ConfigError)?;
+    }
+    if c.audit.is_none() {
+        if let Some((i, r)) = c.routes.iter().enumerate().find(|(_, r)| r.phi) {
+            return err(format!(
+                "routes[{i}] ({}).phi: a route that carries PHI needs the audit trail (an `audit:` section)",
+                r.name
+            ));
+        }
+    }
+
     let registry = FilterRegistry::builtin();
     let cx = BuildContext {
         auth: c.auth.clone(),
@@ -718,8 +733,40 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
         listener_built.push(filters);
     }
+    // Chains as they will run (listener filters first): PHI routes keep tenant isolation in
+    // enforce, and fact-writing filters appear once.
+    for (i, r) in c.routes.iter().enumerate() {
+        let Some(li) = c.listeners.iter().position(|l| l.name == r.listener) else {
+            continue;
+        };
+        let chain: Vec<&Arc<dyn Filter>> =
+            listener_built[li].iter().chain(built[i].iter()).collect();
+        for once in ["jwt_auth", "tenant"] {
+            if chain.iter().filter(|f| f.kind() == once).count() > 1 {
+                return err(format!(
+                    "routes[{i}] ({}): `{once}` appears more than once in its chain (listener and route filters together)",
+                    r.name
+                ));
+            }
+        }
+        if r.phi {
+            if let Some(f) = listener_built[li]
+                .iter()
+                .find(|f| f.kind() == "tenant" && f.mode() != Mode::Enforce)
+            {
+                return err(format!(
+                    "listeners[{li}] ({}): tenant isolation in mode {} is not allowed where a route carries PHI ({})",
+                    r.listener,
+                    f.mode().as_str(),
+                    r.name
+                ));
+            }
+        }
+    }
     // Report errors in `auth` even when no route uses jwt_auth yet.
-    if cx.shared.issuer_set.get().is_none() && !c.auth.issuers.is_empty() {
+    if cx.shared.issuer_set.get().is_none()
+        && !(c.auth.issuers.is_empty() && c.auth.client_certificates.is_empty())
+    {
         caregate_filters::builtin::jwt_auth::IssuerSet::build(
             &c.auth,
             &|p| cx.resolve(p),

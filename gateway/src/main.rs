@@ -46,6 +46,11 @@ enum Command {
         #[arg(short, long, default_value = "conf/demo.yaml")]
         config: PathBuf,
     },
+    /// Work with the PHI audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run a standalone sandbox FHIR server (synthetic data; no access control of its own).
     Sandbox {
         #[arg(long)]
@@ -57,6 +62,51 @@ enum Command {
         #[arg(long)]
         base_url: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit file's keyed chain: exit 0 when intact, 1 naming the first broken place
+    /// (an edited, removed or reordered record, or a cut-off tail).
+    Verify {
+        file: PathBuf,
+        /// The environment variable holding the chain's HMAC key (never pass it as an argument).
+        #[arg(long, default_value = "CAREGATE_AUDIT_KEY")]
+        key_env: String,
+    },
+}
+
+fn audit_verify(file: &std::path::Path, key_env: &str) -> ExitCode {
+    let Ok(key) = std::env::var(key_env) else {
+        eprintln!("caregate audit verify: set {key_env} to the audit HMAC key");
+        return ExitCode::from(2);
+    };
+    match caregate_audit::verify(file, key.as_bytes()) {
+        Ok(report) => {
+            println!(
+                "{}: ok — {} records, {} checkpoints, seq {}..{}",
+                report.file.display(),
+                report.records,
+                report.checkpoints,
+                report
+                    .first_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                report
+                    .last_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            );
+            for w in &report.warnings {
+                println!("note: {w}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("caregate audit verify: FAILED: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn init_logging() {
@@ -232,5 +282,8 @@ fn main() -> ExitCode {
             data,
             base_url,
         } => run_sandbox(listen, data, base_url),
+        Command::Audit {
+            command: AuditCommand::Verify { file, key_env },
+        } => audit_verify(&file, &key_env),
     }
 }

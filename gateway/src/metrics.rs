@@ -89,6 +89,34 @@ pub static FILTER_DECISIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("register caregate_filter_decisions_total")
 });
 
+#[allow(clippy::expect_used)]
+pub static AUDIT_RECORDS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_audit_records_total",
+        "Audit records handed to the sink, by phase (access|completion|denied) and result (ok|error).",
+        &["phase", "result"]
+    )
+    .expect("register caregate_audit_records_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static AUDIT_QUEUE_DEPTH: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "caregate_audit_queue_depth",
+        "Audit records queued for the sink and not yet written."
+    )
+    .expect("register caregate_audit_queue_depth")
+});
+
+#[allow(clippy::expect_used)]
+pub static AUDIT_SINK_HEALTHY: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "caregate_audit_sink_healthy",
+        "1 while the audit sink writes; 0 when it fails (PHI routes then answer 503)."
+    )
+    .expect("register caregate_audit_sink_healthy")
+});
+
 /// Touch every metric so that each family is present from the first scrape.
 pub fn init() {
     Lazy::force(&REQUESTS);
@@ -98,6 +126,13 @@ pub fn init() {
     Lazy::force(&FAILOVERS);
     Lazy::force(&RETRIES);
     Lazy::force(&FILTER_DECISIONS);
+}
+
+/// The audit metrics, registered only when an audit sink is configured.
+pub fn init_audit() {
+    Lazy::force(&AUDIT_RECORDS);
+    Lazy::force(&AUDIT_QUEUE_DEPTH);
+    AUDIT_SINK_HEALTHY.set(1);
 }
 
 /// The method label: one of the standard methods, or `OTHER`.

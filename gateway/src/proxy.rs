@@ -35,6 +35,7 @@ pub struct Gateway {
     /// Pool name -> index, for tenants that select their own pool.
     pub pool_index: Arc<std::collections::HashMap<String, usize>>,
     pub access_log: Option<AccessLog>,
+    pub audit: Option<Arc<caregate_audit::AuditSink>>,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -57,6 +58,10 @@ pub struct Ctx {
     forwarded_proto: &'static str,
     forwarded_host: Option<String>,
     trace: Option<TraceContext>,
+    /// The matched route carries PHI (known as soon as the route is).
+    phi: bool,
+    /// The durable access record was written (a completion record follows in logging).
+    audited_access: bool,
     /// The reason code of a failed exchange (upstream error, timeout, ...).
     error_reason: Option<&'static str>,
     /// Time to the upstream response header, for the access log.
@@ -340,6 +345,8 @@ impl Gateway {
             RouteMatch::Found(r) => r.clone(),
             RouteMatch::MethodNotAllowed(r) => {
                 ctx.req.fhir_route = r.fhir;
+                ctx.req.route = Some(r.name.clone());
+                ctx.phi = r.phi;
                 Self::record_gateway_denial(ctx, "method_not_allowed");
                 let allow = r.methods.join(", ");
                 let mut reply = LocalReply::error(
@@ -364,6 +371,7 @@ impl Gateway {
         };
         ctx.req.fhir_route = route.fhir;
         ctx.req.route = Some(route.name.clone());
+        ctx.phi = route.phi;
         if route.fhir && (path.contains(';') || path.contains("%3B")) {
             Self::record_gateway_denial(ctx, "bad_path");
             return Some(LocalReply::error(
@@ -405,7 +413,116 @@ impl Gateway {
     }
 }
 
+/// The resource type, id and interaction of a FHIR request path below the route prefix, as far
+/// as the path alone tells (full FHIR classification refines this).
+fn fhir_shape(method: &str, rest: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let ty = segs
+        .first()
+        .filter(|s| {
+            s.chars()
+                .next()
+                .map(|c| c.is_ascii_uppercase())
+                .unwrap_or(false)
+        })
+        .map(|s| s.to_string());
+    let id = segs
+        .get(1)
+        .filter(|s| !s.starts_with('_') && !s.starts_with('$'))
+        .map(|s| s.to_string());
+    let op = segs.iter().any(|s| s.starts_with('$'));
+    let interaction = match (method, ty.is_some(), id.is_some()) {
+        _ if op => "operation",
+        (_, _, _) if segs.get(1) == Some(&"_search") => "search-type",
+        (_, _, _) if segs.get(2) == Some(&"_history") => "vread",
+        ("GET" | "HEAD", true, true) => "read",
+        ("GET" | "HEAD", true, false) => "search-type",
+        ("GET" | "HEAD", false, _) => "search-system",
+        ("POST", true, false) => "create",
+        ("POST", false, _) => "batch",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", _, _) => "delete",
+        _ => "other",
+    };
+    (ty, id, Some(interaction.to_string()))
+}
+
 impl Gateway {
+    /// An audit record of this request. The patient is the principal's patient context, or the
+    /// Patient read or written.
+    fn audit_record(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        phase: caregate_audit::Phase,
+        status: Option<u16>,
+        reason: Option<&'static str>,
+    ) -> caregate_audit::AuditRecord {
+        use caregate_audit::{Action, Actor, AuditRecord, Outcome, Upstream};
+        let principal = ctx.req.facts.get::<Principal>();
+        let cert = ctx.req.facts.get::<PeerCertificate>();
+        let rest = match &ctx.route {
+            Some(r) if r.path_prefix != "/" => ctx
+                .req
+                .path
+                .strip_prefix(r.path_prefix.as_str())
+                .unwrap_or(&ctx.req.path),
+            _ => &ctx.req.path,
+        };
+        let (resource_type, resource_id, interaction) = fhir_shape(&ctx.req.method, rest);
+        let patient = principal.and_then(|p| p.patient.clone()).or_else(|| {
+            (resource_type.as_deref() == Some("Patient"))
+                .then(|| resource_id.clone())
+                .flatten()
+        });
+        let pool = ctx.pool.and_then(|p| self.pools.get(p));
+        AuditRecord {
+            time: String::new(),
+            request_id: ctx.req.request_id.clone(),
+            phase,
+            actor: Actor {
+                subject: principal.map(|p| p.subject.clone()),
+                issuer: principal.and_then(|p| p.issuer.clone()),
+                client_id: principal.and_then(|p| p.client_id.clone()),
+                roles: principal.map(|p| p.roles.clone()).unwrap_or_default(),
+                tenant: ctx
+                    .req
+                    .facts
+                    .get::<Tenant>()
+                    .map(|t| t.id.clone())
+                    .or_else(|| principal.and_then(|p| p.tenant.clone())),
+                auth_method: principal.map(|p| p.method.as_str().to_string()),
+                source_address: ctx.req.client_addr.map(|a| a.to_string()),
+                client_certificate_subject: cert.map(|c| c.subject.clone()),
+                system: principal.and_then(|p| p.system.as_ref().map(|s| s.name.clone())),
+            },
+            action: Action {
+                method: ctx.req.method.clone(),
+                route: ctx.req.route.as_deref().unwrap_or("").to_string(),
+                listener: ctx.req.listener.to_string(),
+                channel: ctx.req.channel.as_str().to_string(),
+                interaction,
+                resource_type,
+                resource_id,
+                patient,
+            },
+            outcome: Outcome {
+                status,
+                reason: reason.map(str::to_string),
+                bytes: status.map(|_| session.body_bytes_sent() as u64),
+                duration_ms: status.map(|_| ctx.req.started.elapsed().as_millis() as u64),
+            },
+            upstream: pool.map(|p| Upstream {
+                pool: p.name.to_string(),
+                zone: ctx
+                    .current
+                    .and_then(|(z, _)| p.zones.get(z))
+                    .map(|z| z.name.to_string()),
+            }),
+        }
+    }
+
     /// The access log line of a request. Only bounded, non-identifying values: the route and
     /// its template, never the path, query, ids, tokens or the client address.
     fn access_line(&self, session: &Session, ctx: &Ctx, status: u16) -> String {
@@ -530,6 +647,8 @@ impl ProxyHttp for Gateway {
             forwarded_proto: "http",
             forwarded_host: None,
             trace: None,
+            phi: false,
+            audited_access: false,
             error_reason: None,
             upstream_ms: None,
         }
@@ -591,6 +710,40 @@ impl ProxyHttp for Gateway {
                     );
                     self.send_reply(session, ctx, reply).await?;
                     return Ok(true);
+                }
+            }
+        }
+        // PHI: the access record is durable before anything goes upstream, so before any PHI
+        // response header can be released. If the sink cannot take it, fail closed.
+        if ctx.phi {
+            if let Some(sink) = &self.audit {
+                let rec =
+                    self.audit_record(session, ctx, caregate_audit::Phase::Access, None, None);
+                match sink.append_durable(rec).await {
+                    Ok(_) => {
+                        metrics::AUDIT_RECORDS
+                            .with_label_values(&["access", "ok"])
+                            .inc();
+                        ctx.audited_access = true;
+                    }
+                    Err(e) => {
+                        metrics::AUDIT_RECORDS
+                            .with_label_values(&["access", "error"])
+                            .inc();
+                        log::error!(
+                            "request {}: audit sink refused the access record: {e:?}",
+                            ctx.req.request_id
+                        );
+                        Self::record_gateway_denial(ctx, "audit_unavailable");
+                        let reply = LocalReply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "audit_unavailable",
+                            "the audit trail is unavailable; PHI is not served without it",
+                        )
+                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        self.send_reply(session, ctx, reply).await?;
+                        return Ok(true);
+                    }
                 }
             }
         }
@@ -717,11 +870,7 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let pool = ctx
-            .route
-            .as_ref()
-            .and_then(|r| self.pools.get(r.pool))
-            .cloned();
+        let pool = ctx.pool.and_then(|p| self.pools.get(p)).cloned();
         let current = ctx.current.take();
         if let Some((_, addr)) = current {
             ctx.tried.push(addr);
@@ -847,10 +996,8 @@ impl ProxyHttp for Gateway {
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(at), Some((zone, _)), Some(route)) =
-            (ctx.connected_at, ctx.current, &ctx.route)
-        {
-            if let Some(pool) = self.pools.get(route.pool) {
+        if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
+            if let Some(pool) = self.pools.get(p) {
                 let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
                 let secs = at.elapsed().as_secs_f64();
                 ctx.upstream_ms = Some(secs * 1000.0);
@@ -965,6 +1112,29 @@ impl ProxyHttp for Gateway {
             for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
                 if f.mode() != Mode::Off {
                     f.logging(&ctx.req);
+                }
+            }
+        }
+        if ctx.phi {
+            if let Some(sink) = &self.audit {
+                let reason = ctx.error_reason.or_else(|| ctx.req.deny_reason());
+                let phase = if ctx.audited_access {
+                    Some(caregate_audit::Phase::Completion)
+                } else if status >= 400 || status == 0 {
+                    Some(caregate_audit::Phase::Denied)
+                } else {
+                    None
+                };
+                if let Some(phase) = phase {
+                    let rec = self.audit_record(session, ctx, phase, Some(status), reason);
+                    let result = if sink.append(rec).is_ok() {
+                        "ok"
+                    } else {
+                        "error"
+                    };
+                    metrics::AUDIT_RECORDS
+                        .with_label_values(&[phase.as_str(), result])
+                        .inc();
                 }
             }
         }

@@ -12,6 +12,8 @@ pub struct Route {
     /// Upper-case methods; empty = any.
     pub methods: Vec<String>,
     pub fhir: bool,
+    /// The route carries PHI: audited, tenant isolation enforced.
+    pub phi: bool,
     pub pool: usize,
     pub upstream_prefix: Option<String>,
     pub filters: Vec<Arc<dyn Filter>>,
@@ -158,6 +160,7 @@ mod tests {
             path_prefix: prefix.to_string(),
             methods: methods.iter().map(|s| s.to_string()).collect(),
             fhir: false,
+            phi: false,
             pool: 0,
             upstream_prefix: None,
             filters: vec![],

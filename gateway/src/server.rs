@@ -68,6 +68,28 @@ fn same_task(
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
+/// Publishes the audit sink's health and backlog, and closes the sink (final checkpoint) at
+/// shutdown.
+struct AuditMonitor(Arc<caregate_audit::AuditSink>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for AuditMonitor {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    crate::metrics::AUDIT_QUEUE_DEPTH.set(self.0.queue_depth() as i64);
+                    crate::metrics::AUDIT_SINK_HEALTHY.set(i64::from(self.0.healthy()));
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        let sink = self.0.clone();
+        let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
+    }
+}
+
 /// Runs the filters' background tasks until shutdown.
 struct FilterTasks(Vec<Arc<dyn caregate_filters::BackgroundTask>>);
 
@@ -115,6 +137,20 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     server.bootstrap();
 
     let access_log = crate::access_log::AccessLog::start(&cfg.access_log, |p| loaded.resolve(p))?;
+    let audit = match &cfg.audit {
+        Some(a) => {
+            let mut a = a.clone();
+            a.path = loaded.resolve(&a.path);
+            crate::metrics::init_audit();
+            let sink = caregate_audit::AuditSink::start(&a).map_err(|e| format!("audit: {e}"))?;
+            server.add_service(background_service(
+                "audit monitor",
+                AuditMonitor(sink.clone()),
+            ));
+            Some(sink)
+        }
+        None => None,
+    };
     let mut controls = HashMap::new();
     for s in &cfg.sandboxes {
         let base = s.base_url();
@@ -190,6 +226,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 fhir: r.fhir,
+                phi: r.phi,
                 pool,
                 upstream_prefix: r.upstream_prefix.clone(),
                 filters: listener_filters
@@ -210,6 +247,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             max_header_bytes: cfg.server.max_request_header_bytes,
             pool_index: pool_index_owned.clone(),
             access_log: access_log.clone(),
+            audit: audit.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let addr = l.listen.to_string();
@@ -225,6 +263,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
 
     let admin = AdminApp {
         readiness,
+        audit: audit.clone(),
         token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
         sandboxes: controls,
     };

@@ -8,6 +8,10 @@ fn check(path: &std::path::Path) -> (bool, String) {
     let out = Command::new(caregate_bin())
         .args(["check", "-c", path.to_str().unwrap()])
         .env("CAREGATE_ADMIN_TOKEN", "example-token")
+        .env(
+            "CAREGATE_AUDIT_KEY",
+            "an-example-audit-key-of-at-least-32-bytes",
+        )
         .output()
         .unwrap();
     (

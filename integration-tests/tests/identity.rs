@@ -232,6 +232,7 @@ fn hs_token(sub: &str, tenant: Option<&str>) -> String {
 
 #[test]
 fn tenant_isolation_matrix() {
+    let audit_dir = TempDir::new("tenant-audit");
     let a = EchoServer::start("hospital-a");
     let b = EchoServer::start("hospital-b");
     let (public, admin) = (free_port(), free_port());
@@ -239,6 +240,7 @@ fn tenant_isolation_matrix() {
         r#"
 server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
+audit: {{ path: "{audit}", hmac_key: "tenant-matrix-audit-key-0123456789abcdef" }}
 listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
 auth:
   issuers:
@@ -262,7 +264,8 @@ routes:
 "#,
         secret = String::from_utf8_lossy(SECRET),
         a = a.addr,
-        b = b.addr
+        b = b.addr,
+        audit = audit_dir.0.join("audit.jsonl").display()
     );
     let _gw = Gateway::start(&yaml, admin);
     let p = addr(public);
@@ -368,6 +371,7 @@ fn shadow_tenant_isolation_is_refused_on_phi_routes() {
         &p,
         r#"
 listeners: [ { name: public, channel: public, listen: "127.0.0.1:0" } ]
+audit: { path: "/tmp/caregate-unused-audit.jsonl", hmac_key: "0123456789abcdef0123456789abcdef" }
 auth: { issuers: [ { name: s, issuer: "https://s.test", algorithms: [HS256], hs_secret: "0123456789abcdef0123", audiences: [c] } ] }
 tenants: [ { id: a } ]
 pools: [ { name: p, zones: [ { name: z, backends: [ { address: "127.0.0.1:9" } ] } ] } ]

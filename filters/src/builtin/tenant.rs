@@ -388,10 +388,15 @@ impl Filter for TenantFilter {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.facts.writer_of::<Tenant>() != Some("tenant") {
-            return Ok(());
-        }
-        let Some(t) = ctx.facts.get::<Tenant>() else {
+        // The client's requested-tenant header never goes upstream as sent: it is replaced by
+        // the verified tenant, or removed when there is none (shadow mode).
+        let verified = if ctx.facts.writer_of::<Tenant>() == Some("tenant") {
+            ctx.facts.get::<Tenant>()
+        } else {
+            None
+        };
+        let Some(t) = verified else {
+            while req.remove_header(&self.header).is_some() {}
             return Ok(());
         };
         let value = HeaderValue::from_str(&t.id).map_err(|_| FilterError {
@@ -748,7 +753,8 @@ mod tests {
             })
         );
 
-        // a refused request keeps what it had (shadow mode) and gets no fact
+        // a refused request (shadow mode lets it on) gets no fact, and the unverified header
+        // does not go upstream
         let out = run(
             &f,
             Req {
@@ -759,7 +765,7 @@ mod tests {
         )
         .await;
         assert_eq!(out.tenant, None);
-        assert_eq!(out.forwarded_header.as_deref(), Some("hospital-b"));
+        assert_eq!(out.forwarded_header, None);
     }
 
     #[tokio::test]

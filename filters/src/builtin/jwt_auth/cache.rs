@@ -103,9 +103,12 @@ impl TokenCache {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if let Some(old) = inner.map.remove(&key) {
+        let known = if let Some(old) = inner.map.remove(&key) {
             inner.bytes = inner.bytes.saturating_sub(old.bytes);
-        }
+            true
+        } else {
+            false
+        };
         // Evict expired and then oldest entries until the new one fits.
         while inner.map.len() >= self.max_entries || inner.bytes + bytes > self.max_bytes {
             let Some(oldest) = inner.order.pop_front() else {
@@ -116,7 +119,9 @@ impl TokenCache {
             }
         }
         inner.bytes += bytes;
-        inner.order.push_back(key);
+        if !known || !inner.order.contains(&key) {
+            inner.order.push_back(key);
+        }
         inner.map.insert(
             key,
             Entry {

@@ -128,7 +128,8 @@ fn d_fhir_user() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
-    /// A short name: the `issuer` label of metrics and what routes and tenants refer to.
+    /// A short name: the `issuer` label of metrics and what routes' `issuers` lists refer to
+    /// (tenants list `issuer` values).
     pub name: String,
     /// The exact `iss` value.
     pub issuer: String,
@@ -335,6 +336,12 @@ impl IssuerSet {
             }
             if ic.issuer.is_empty() {
                 return Err(err(format!("{at}.issuer"), "must not be empty"));
+            }
+            if cfg.issuers[..i].iter().any(|o| o.issuer == ic.issuer) {
+                return Err(err(
+                    format!("{at}.issuer"),
+                    "another issuer has the same `issuer` value",
+                ));
             }
             if ic.audiences.is_empty() {
                 return Err(err(

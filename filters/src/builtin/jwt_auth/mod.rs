@@ -93,12 +93,11 @@ pub struct JwtAuthFilter {
     mode: Mode,
 }
 
-struct Refresher(Arc<IssuerSet>);
-
+/// One refresh loop per issuer set, however many routes share it.
 #[async_trait]
-impl BackgroundTask for Refresher {
+impl BackgroundTask for IssuerSet {
     async fn run(&self, shutdown: tokio::sync::watch::Receiver<bool>) {
-        self.0.run_refresh(shutdown).await;
+        self.run_refresh(shutdown).await;
     }
 }
 
@@ -124,6 +123,15 @@ impl JwtAuthFilter {
             return Err(BuildError::new(
                 "config",
                 "turn on at least one identity source",
+            ));
+        }
+        if c.bearer != SourceMode::Required
+            && c.client_certificate != SourceMode::Required
+            && (c.bearer == SourceMode::Off || c.client_certificate == SourceMode::Off)
+        {
+            return Err(BuildError::new(
+                "config",
+                "with a single identity source, make it `required`",
             ));
         }
         if c.bearer == SourceMode::Optional && c.client_certificate == SourceMode::Off {
@@ -270,7 +278,7 @@ impl Filter for JwtAuthFilter {
     }
 
     fn background(&self) -> Option<Arc<dyn BackgroundTask>> {
-        Some(Arc::new(Refresher(self.set.clone())))
+        Some(self.set.clone())
     }
 
     async fn request_filter(

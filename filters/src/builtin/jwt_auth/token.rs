@@ -153,7 +153,11 @@ pub fn check_typ(header: &Map<String, Value>, accepted: &[String]) -> Result<(),
         Some(Value::String(t)) => {
             let t = t.to_ascii_lowercase();
             let t = t.strip_prefix("application/").unwrap_or(&t);
-            if accepted.iter().any(|a| a.eq_ignore_ascii_case(t)) {
+            let fits = |a: &String| {
+                let a = a.to_ascii_lowercase();
+                a.strip_prefix("application/").unwrap_or(&a) == t
+            };
+            if accepted.iter().any(fits) {
                 Ok(())
             } else {
                 Err(Rejection::BadTyp)

@@ -1,0 +1,132 @@
+//! # caregate-audit: the tamper-evident PHI audit trail
+//!
+//! HIPAA 45 CFR 164.312(b) asks for audit controls that record and examine activity in systems
+//! holding ePHI. caregate records every request on a PHI route, allowed or denied, in an
+//! append-only file whose lines form a keyed hash chain, so that an edit, a removal, a reorder
+//! or a cut-off tail is detectable by [`verify`] (`caregate audit verify FILE`).
+//!
+//! ## Use
+//!
+//! ```no_run
+//! use caregate_audit::{AuditConfig, AuditRecord, AuditSink, Phase};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = AuditConfig::new("/var/log/caregate/audit.jsonl", std::env::var("AUDIT_KEY")?);
+//! let sink = AuditSink::start(&cfg)?;
+//! let mut rec = AuditRecord { request_id: "r-1".into(), phase: Phase::Access, ..Default::default() };
+//! rec.action.method = "GET".into();
+//! // Before releasing a PHI response: durable (per the fsync policy) or fail closed (503).
+//! let seq = sink.append_durable(rec.clone()).await?;
+//! // In the logging phase: the outcome, without waiting.
+//! rec.phase = Phase::Completion;
+//! sink.append(rec)?;
+//! // Readiness: not ready while the sink fails or its queue is full.
+//! let _ready = sink.healthy();
+//! sink.shutdown();
+//! # let _ = seq; Ok(()) }
+//! ```
+//!
+//! API: [`AuditConfig`] (the `audit:` YAML section), [`AuditSink::start`],
+//! [`AuditSink::append_durable`], [`AuditSink::append`], [`AuditSink::healthy`],
+//! [`AuditSink::queue_depth`], [`AuditSink::records_written`], [`AuditSink::group_commits`],
+//! [`AuditSink::shutdown`], [`AuditError`], [`AuditRecord`], [`verify`], [`verify_files`],
+//! [`chain_files`], [`fhir::to_fhir_audit_event`], [`now_rfc3339`].
+//!
+//! ## Writing: a queue and one writer thread
+//!
+//! `append*` serialize the record on the caller's thread and put it on a bounded queue
+//! (`queue_capacity`; beyond it [`AuditError::QueueFull`]). One `std::thread` writer does
+//! **group commits**: it takes everything queued, writes all the lines with one `write`,
+//! syncs once (`fsync: always`; `batch` first waits up to `batch_max_delay_ms` to gather a
+//! bigger group; `never` does not sync), then wakes every waiter of the group with its sequence
+//! number. Checkpoints are written every `checkpoint_every_records` records, every
+//! `checkpoint_interval_ms` while records are being written, and at shutdown.
+//!
+//! ## Faults
+//!
+//! Before each group commit the writer checks that the path still names the open file
+//! (device and inode); if the file was removed or replaced it reopens the path. A new, empty
+//! file continues the chain (its first line is a checkpoint whose `prev` is the last MAC); a
+//! non-empty file that does not end with the chain's last line is refused. If a write, fsync
+//! or reopen fails, every waiter of that group gets [`AuditError::SinkFailed`], the sink
+//! reports unhealthy, and the group's records are **kept**: the next attempt (when more
+//! records arrive, or after a backoff of 100 ms doubling to 2 s) cuts the file back to the
+//! last complete commit and writes them first, so the chain stays continuous and nothing is
+//! lost silently. Kept records count against `queue_capacity`, so a sink that stays down ends
+//! in `QueueFull`. The first successful commit makes the sink healthy again. Records still
+//! unwritten after three attempts at shutdown are logged as lost.
+//!
+//! ## File format
+//!
+//! JSON lines. Every line is one object with its members in this order:
+//!
+//! ```text
+//! {"seq":1,"prev":"","record":{...},"mac":"<64 hex>"}
+//! {"seq":2,"prev":"<mac of seq 1>","record":{...},"mac":"..."}
+//! {"seq":3,"prev":"<mac of seq 2>","checkpoint":{"records":2,"time":"2024-05-01T12:00:00.123Z"},"mac":"..."}
+//! ```
+//!
+//! - `seq`: 1, 2, 3, ... over records and checkpoints, continuous across rotation.
+//! - `prev`: the `mac` of the previous line of the chain ("" for the first line ever).
+//! - `record`: the [`AuditRecord`] (`format: json`) or a FHIR R4 `AuditEvent`
+//!   (`format: fhir_audit_event`, see [`fhir`]).
+//! - `checkpoint`: `records` (records in the whole chain so far) and `time`.
+//! - `mac`: lower-case hex of HMAC-SHA256(`hmac_key`, `prev` || *body*), where `prev` is the
+//!   ASCII hex string and *body* is the exact bytes of the line without `,"mac":"..."`, i.e.
+//!   `{"seq":N,"prev":"...","record":{...}}`, which is serde_json's compact rendering of
+//!   that object (keys in the order written). Verification authenticates the bytes as they
+//!   are, so any changed byte (even white space) is an edit.
+//!
+//! **Anchor.** After every checkpoint the writer replaces `<path>.anchor` atomically (temp
+//! file, fsync, rename, fsync of the directory) with
+//! `{"seq":..,"mac":"..","file":"..","records":..,"time":"..","anchor_mac":".."}`: the last
+//! checkpoint's seq and mac, authenticated by `anchor_mac` = HMAC-SHA256(key,
+//! `"caregate-audit-anchor\n"` || the object without `anchor_mac`). A file cut off before its
+//! anchor's checkpoint fails verification. The anchor is only as safe as its separation from
+//! the log: ship copies of it (it is small) to another system or WORM storage to protect
+//! against someone who can rewrite both files.
+//!
+//! **Rotation.** When the active file reaches `rotate_bytes`, the writer seals it with a
+//! checkpoint, renames it to `<path>.<n>` (n = highest existing + 1), writes its anchor
+//! `<path>.<n>.anchor`, and starts a new `<path>` whose first line is a checkpoint continuing
+//! the chain (`prev` = the seal's mac). Only the newest `retain_files` rotated files are kept.
+//!
+//! **Restart.** [`AuditSink::start`] resumes from the file's last line after verifying the
+//! lines back to its last checkpoint; see there.
+//!
+//! ## Verification
+//!
+//! [`verify`] checks one file: every MAC, `seq` continuity, `prev` links, checkpoint counts,
+//! and the anchor. It fails, naming the file, line, seq and what is wrong
+//! ([`VerifyError`]), on:
+//!
+//! - an edited line: its MAC does not match ([`VerifyErrorKind::MacMismatch`]);
+//! - a removed line: a `seq` gap ([`VerifyErrorKind::SeqGap`]) or a broken `prev`;
+//! - reordered lines ([`VerifyErrorKind::Reordered`]);
+//! - a tail cut inside a line ([`VerifyErrorKind::IncompleteLine`]), or before the anchor's
+//!   checkpoint ([`VerifyErrorKind::Truncated`]), or an anchor that names a different line
+//!   ([`VerifyErrorKind::AnchorMismatch`]).
+//!
+//! Records after the last checkpoint are reported as `unsealed tail: N records`, a warning:
+//! a running gateway always has one, and cutting it off cannot be detected. A file whose first
+//! line has `seq` > 1 and a non-empty `prev` is accepted as the **continuation** of a rotated
+//! predecessor (noted in the report) if that line is a checkpoint, as caregate always writes
+//! it; the link itself is checked by [`verify_files`] over [`chain_files`] (all rotated files
+//! plus the active one). Removing the head of a file exactly up to a checkpoint therefore
+//! only shows in [`verify_files`].
+
+mod chain;
+mod config;
+pub mod fhir;
+mod record;
+mod sink;
+mod verify;
+
+pub use chain::{anchor_path, Anchor};
+pub use config::{AuditConfig, AuditFormat, FsyncPolicy, MIN_HMAC_KEY_BYTES};
+pub use record::{
+    format_rfc3339_millis, now_rfc3339, Action, Actor, AuditRecord, Outcome, Phase, Upstream,
+};
+pub use sink::{AuditError, AuditSink};
+pub use verify::{
+    chain_files, verify, verify_files, AnchorCheck, VerifyError, VerifyErrorKind, VerifyReport,
+};

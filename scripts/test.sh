@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh --with-test-peers
-cargo build -p caregate --bins
-cargo test --workspace --all-targets "$@"
+# The end-to-end tests run the binary with every optional feature (OTLP export) built in.
+cargo build -p caregate --bins --features otlp
+cargo test --workspace --all-targets --features caregate/otlp "$@"

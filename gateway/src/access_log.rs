@@ -113,6 +113,8 @@ pub struct TraceContext {
     /// This hop's span id (the parent id sent upstream).
     pub span_id: String,
     pub flags: String,
+    /// The caller's span id, when the trace was continued.
+    pub parent_id: Option<String>,
     /// `tracestate`, forwarded only with a valid incoming `traceparent`.
     pub tracestate: Option<String>,
 }
@@ -153,6 +155,7 @@ impl TraceContext {
                         trace_id: trace.to_string(),
                         span_id: random_hex(8),
                         flags: flags.to_string(),
+                        parent_id: Some(parent.to_string()),
                         tracestate: tracestate
                             .filter(|s| s.len() <= 512 && s.is_ascii())
                             .map(str::to_string),
@@ -164,6 +167,7 @@ impl TraceContext {
             trace_id: random_hex(16),
             span_id: random_hex(8),
             flags: "01".into(),
+            parent_id: None,
             tracestate: None,
         }
     }

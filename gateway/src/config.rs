@@ -41,6 +41,9 @@ pub struct Config {
     /// The PHI audit trail; required when any route has `phi: true`.
     #[serde(default)]
     pub audit: Option<caregate_audit::AuditConfig>,
+    /// Span export over OTLP/HTTP (needs the `otlp` cargo feature).
+    #[serde(default)]
+    pub otlp: Option<crate::otlp::OtlpConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -654,6 +657,9 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
 
     if let Some(a) = &c.audit {
         a.validate().map_err(ConfigError)?;
+    }
+    if let Some(o) = &c.otlp {
+        o.validate().map_err(ConfigError)?;
     }
     if c.audit.is_none() {
         if let Some((i, r)) = c.routes.iter().enumerate().find(|(_, r)| r.phi) {

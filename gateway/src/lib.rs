@@ -11,6 +11,7 @@ pub mod config;
 pub mod errors;
 pub mod hygiene;
 pub mod metrics;
+pub mod otlp;
 pub mod proxy;
 pub mod router;
 pub mod sandbox_server;

@@ -36,6 +36,7 @@ pub struct Gateway {
     pub pool_index: Arc<std::collections::HashMap<String, usize>>,
     pub access_log: Option<AccessLog>,
     pub audit: Option<Arc<caregate_audit::AuditSink>>,
+    pub otlp: Option<Arc<crate::otlp::OtlpExporter>>,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -1140,6 +1141,40 @@ impl ProxyHttp for Gateway {
         }
         if let Some(log) = &self.access_log {
             log.write(self.access_line(session, ctx, status));
+        }
+        if let (Some(exp), Some(t)) = (&self.otlp, &ctx.trace) {
+            let end = std::time::SystemTime::now();
+            let start = end.checked_sub(ctx.req.started.elapsed()).unwrap_or(end);
+            let route = ctx.req.route.as_deref().unwrap_or("none");
+            let mut attributes = vec![
+                (
+                    "http.request.method",
+                    metrics::method_label(&ctx.req.method).to_string(),
+                ),
+                ("http.route", route.to_string()),
+                ("caregate.listener", ctx.req.listener.to_string()),
+                ("caregate.request_id", ctx.req.request_id.clone()),
+            ];
+            if let Some(r) = ctx.error_reason.or_else(|| ctx.req.deny_reason()) {
+                attributes.push(("caregate.reason", r.to_string()));
+            }
+            if let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) {
+                attributes.push(("caregate.upstream.pool", pool.name.to_string()));
+                if let Some(z) = ctx.current.and_then(|(z, _)| pool.zones.get(z)) {
+                    attributes.push(("caregate.upstream.zone", z.name.to_string()));
+                }
+            }
+            exp.record(crate::otlp::RequestSpan {
+                trace_id: &t.trace_id,
+                span_id: &t.span_id,
+                parent_id: t.parent_id.as_deref(),
+                sampled: t.flags.ends_with('1') || t.flags.ends_with('3'),
+                name: format!("{} {route}", metrics::method_label(&ctx.req.method)),
+                start,
+                end,
+                attributes,
+                status,
+            });
         }
     }
 }

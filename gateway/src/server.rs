@@ -90,6 +90,18 @@ impl pingora::services::background::BackgroundService for AuditMonitor {
     }
 }
 
+/// Flushes the span exporter at shutdown.
+struct OtlpFlusher(Arc<crate::otlp::OtlpExporter>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for OtlpFlusher {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        let exp = self.0.clone();
+        let _ = tokio::task::spawn_blocking(move || exp.shutdown()).await;
+    }
+}
+
 /// Runs the filters' background tasks until shutdown.
 struct FilterTasks(Vec<Arc<dyn caregate_filters::BackgroundTask>>);
 
@@ -148,6 +160,14 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
                 AuditMonitor(sink.clone()),
             ));
             Some(sink)
+        }
+        None => None,
+    };
+    let otlp = match &cfg.otlp {
+        Some(o) => {
+            let exp = Arc::new(crate::otlp::OtlpExporter::start(o)?);
+            server.add_service(background_service("otlp flusher", OtlpFlusher(exp.clone())));
+            Some(exp)
         }
         None => None,
     };
@@ -248,6 +268,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             pool_index: pool_index_owned.clone(),
             access_log: access_log.clone(),
             audit: audit.clone(),
+            otlp: otlp.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let addr = l.listen.to_string();

@@ -131,3 +131,87 @@ routes:
         assert!(!metrics.contains(s), "metrics leak {s}");
     }
 }
+
+/// Spans over OTLP/HTTP: the gateway's span carries the trace id and span id it sent upstream,
+/// with the caller's span as its parent. Needs a binary built with `--features otlp`
+/// (scripts/test.sh builds it so).
+#[test]
+fn spans_are_exported_over_otlp_with_the_ids_sent_upstream() {
+    let collector = EchoServer::start("collector");
+    let backend = EchoServer::start("fhir");
+    let (public, admin) = (free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 2 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+otlp: {{ endpoint: "http://{c}/v1/traces", service_name: caregate-test }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: zone-a, backends: [ {{ address: "{b}" }} ] }} ] }} ]
+routes: [ {{ name: fhir, listener: public, path_prefix: /fhir, fhir: true, pool: fhir }} ]
+"#,
+        c = collector.addr,
+        b = backend.addr
+    );
+    let gw = Gateway::start(&yaml, admin);
+    let r = request(
+        addr(public),
+        "GET",
+        "/fhir/Patient/pat-42?name=Zebediah",
+        &[(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let tp = backend
+        .seen()
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_string();
+    let span_id = tp.split('-').nth(2).unwrap().to_string();
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let (trace_bytes, span_bytes, parent_bytes) = (
+        hex("0af7651916cd43dd8448eb211c80319c"),
+        hex(&span_id),
+        hex("b7ad6b7169203331"),
+    );
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    wait_until("a span at the collector", Duration::from_secs(15), || {
+        collector.seen().iter().any(|s| {
+            s.method == "POST" && s.target == "/v1/traces" && contains(&s.body, &trace_bytes)
+        })
+    });
+    let export = collector
+        .seen()
+        .into_iter()
+        .find(|s| contains(&s.body, &trace_bytes))
+        .unwrap();
+    assert_eq!(
+        export.header("content-type"),
+        Some("application/x-protobuf")
+    );
+    assert!(
+        contains(&export.body, &span_bytes),
+        "the span id sent upstream"
+    );
+    assert!(
+        contains(&export.body, &parent_bytes),
+        "the caller's span as parent"
+    );
+    assert!(contains(&export.body, b"caregate-test"));
+    assert!(contains(&export.body, b"http.route"));
+    assert!(
+        !contains(&export.body, b"Zebediah") && !contains(&export.body, b"pat-42"),
+        "no PHI in spans"
+    );
+    drop(gw);
+}

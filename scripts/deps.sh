@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what caregate needs to build and test on Debian/Ubuntu: cmake (Pingora's zlib-ng), a C
 # toolchain and perl (vendored OpenSSL), pkg-config, curl and openssl (TLS tests), Node.js and npm
-# (the OpenID provider and the FHIR schema validator the tests run), and their npm packages.
+# (the OpenID provider and the FHIR schema validator the tests run), their npm packages, and
+# the fhirpy client in a Python virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for pkg in cmake build-essential perl pkg-config curl openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,4 +23,7 @@ if [ "${1:-}" = "--with-test-peers" ]; then
   for peer in integration-tests/peers/oidc integration-tests/peers/fhir-schema; do
     npm ci --prefix "$peer" --no-audit --no-fund --loglevel=error
   done
+  venv=integration-tests/peers/fhirpy/.venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r integration-tests/peers/fhirpy/requirements.txt
 fi

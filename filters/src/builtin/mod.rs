@@ -2,6 +2,7 @@
 //! and its filter.
 
 pub mod cors;
+pub mod fhir_links;
 pub mod headers;
 pub mod ip_allow;
 pub mod jwt_auth;

@@ -1,0 +1,322 @@
+//! `fhir_links`: clients page through the gateway, never straight to the backend.
+//!
+//! ```yaml
+//! - kind: fhir_links
+//!   config:
+//!     backend_base: http://10.1.1.10:8080/fhir     # what the FHIR server writes into its links
+//!     public_base: https://api.example-hospital.org/fhir   # the route as clients reach it
+//!     max_body_bytes: 33554432
+//! ```
+//! In JSON response bodies every string value that starts with `backend_base` (followed by `/`,
+//! `?`, `#` or the end of the string) is rewritten to start with `public_base` — `Bundle.link.url`,
+//! `entry.fullUrl`, and absolute references alike. `Location` and `Content-Location` headers are
+//! rewritten the same way. Everything else stays byte-for-byte as the backend sent it.
+//!
+//! The body is buffered (up to `max_body_bytes`) and rewritten at its end; the gateway asks the
+//! backend for an uncompressed body on routes with this filter. A body over the cap is never
+//! passed on half-rewritten: the exchange is aborted.
+
+use crate::registry::{parse_config, BuildContext, BuildError};
+use crate::{Filter, FilterError, RequestCtx, RequestHeader, ResponseHeader, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, HeaderValue};
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirLinksConfig {
+    pub backend_base: String,
+    pub public_base: String,
+    #[serde(default = "d_max")]
+    pub max_body_bytes: usize,
+}
+
+fn d_max() -> usize {
+    32 * 1024 * 1024
+}
+
+pub struct FhirLinksFilter {
+    backend: String,
+    public: String,
+    max: usize,
+}
+
+/// Per-request state: whether this response is rewritten, and the body so far.
+#[derive(Debug, Default)]
+pub struct LinkRewriteBuffer {
+    pub active: bool,
+    pub body: Vec<u8>,
+}
+
+fn valid_base(path: &str, v: &str) -> std::result::Result<String, BuildError> {
+    let t = v.trim_end_matches('/');
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"));
+    match rest {
+        Some(r) if !r.is_empty() && !t.contains(['"', '\\', '?', '#', ' ']) => Ok(t.to_string()),
+        _ => Err(BuildError::new(
+            path,
+            format!("`{v}` is not an http(s) base URL"),
+        )),
+    }
+}
+
+pub fn build(
+    config: serde_yaml::Value,
+    _cx: &BuildContext,
+) -> std::result::Result<Arc<dyn Filter>, BuildError> {
+    let c: FhirLinksConfig = parse_config(config)?;
+    let backend = valid_base("config.backend_base", &c.backend_base)?;
+    let public = valid_base("config.public_base", &c.public_base)?;
+    if c.max_body_bytes == 0 {
+        return Err(BuildError::new("config.max_body_bytes", "must be positive"));
+    }
+    Ok(Arc::new(FhirLinksFilter {
+        backend,
+        public,
+        max: c.max_body_bytes,
+    }))
+}
+
+fn boundary_ok(next: Option<&u8>) -> bool {
+    matches!(
+        next,
+        None | Some(b'/') | Some(b'?') | Some(b'#') | Some(b'"')
+    )
+}
+
+impl FhirLinksFilter {
+    /// Rewrite a URL that starts with the backend base.
+    pub fn rewrite_url(&self, url: &str) -> Option<String> {
+        let rest = url.strip_prefix(self.backend.as_str())?;
+        if !boundary_ok(rest.as_bytes().first()) {
+            return None;
+        }
+        Some(format!("{}{rest}", self.public))
+    }
+
+    /// Rewrite every JSON string that starts with the backend base. Bytes outside those string
+    /// prefixes are copied unchanged.
+    pub fn rewrite_body(&self, body: &[u8]) -> Vec<u8> {
+        let needle = format!("\"{}", self.backend);
+        let needle = needle.as_bytes();
+        let mut out = Vec::with_capacity(body.len());
+        let mut i = 0;
+        while i < body.len() {
+            if body[i..].starts_with(needle)
+                && boundary_ok(body.get(i + needle.len()))
+                && !escaped_quote(body, i)
+            {
+                out.push(b'"');
+                out.extend_from_slice(self.public.as_bytes());
+                i += needle.len();
+            } else {
+                out.push(body[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Whether the quote at `i` is escaped (inside a string), i.e. not the start of a string.
+fn escaped_quote(body: &[u8], i: usize) -> bool {
+    let mut n = 0;
+    let mut j = i;
+    while j > 0 && body[j - 1] == b'\\' {
+        n += 1;
+        j -= 1;
+    }
+    n % 2 == 1
+}
+
+fn is_json(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("application/fhir+json") || ct.starts_with("application/json")
+        })
+        .unwrap_or(false)
+}
+
+#[async_trait]
+impl Filter for FhirLinksFilter {
+    fn kind(&self) -> &'static str {
+        "fhir_links"
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        req: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The body is rewritten as bytes: ask for it uncompressed.
+        req.remove_header(&header::ACCEPT_ENCODING);
+        Ok(())
+    }
+
+    fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let new = resp
+                .headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| self.rewrite_url(v))
+                .and_then(|v| HeaderValue::from_str(&v).ok());
+            if let Some(v) = new {
+                let _ = resp.insert_header(name, v);
+            }
+        }
+        let status = resp.status.as_u16();
+        let bodyless = status == 204 || status == 304 || ctx.method == "HEAD";
+        let encoded = resp
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes() != b"identity")
+            .unwrap_or(false);
+        if is_json(resp) && !bodyless && !encoded {
+            resp.remove_header(&header::CONTENT_LENGTH);
+            let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+            ctx.facts
+                .insert(
+                    "fhir_links",
+                    LinkRewriteBuffer {
+                        active: true,
+                        body: Vec::new(),
+                    },
+                )
+                .map_err(|e| FilterError {
+                    filter: "fhir_links",
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(buf) = ctx.facts.get_mut::<LinkRewriteBuffer>("fhir_links") else {
+            return Ok(());
+        };
+        if !buf.active {
+            return Ok(());
+        }
+        if let Some(c) = chunk.take() {
+            if buf.body.len() + c.len() > self.max {
+                buf.active = false;
+                buf.body = Vec::new();
+                return Err(FilterError {
+                    filter: "fhir_links",
+                    message: "response body over max_body_bytes; exchange aborted".into(),
+                });
+            }
+            buf.body.extend_from_slice(&c);
+        }
+        if end_of_stream {
+            let body = std::mem::take(&mut buf.body);
+            buf.active = false;
+            *chunk = Some(Bytes::from(self.rewrite_body(&body)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn filter() -> FhirLinksFilter {
+        FhirLinksFilter {
+            backend: "http://10.0.0.5:8080/fhir".into(),
+            public: "https://api.example.org/r4".into(),
+            max: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn rewrites_links_full_urls_and_references_only() {
+        let f = filter();
+        let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"http://10.0.0.5:8080/fhir/Patient?_count=1&_offset=1"}],
+ "entry":[{"fullUrl":"http://10.0.0.5:8080/fhir/Patient/1","resource":{"resourceType":"Patient","id":"1","note":"see http://10.0.0.5:8080/fhir/x",
+ "other":"http://10.0.0.5:8080/fhirx/1","esc":"a\"http://10.0.0.5:8080/fhir/1","n":1.50}}]}"#;
+        let out = String::from_utf8(f.rewrite_body(body)).unwrap();
+        assert!(out.contains(r#""url":"https://api.example.org/r4/Patient?_count=1&_offset=1""#));
+        assert!(out.contains(r#""fullUrl":"https://api.example.org/r4/Patient/1""#));
+        // Only string values that START with the base; not a longer path; not inside a string.
+        assert!(out.contains("see http://10.0.0.5:8080/fhir/x"));
+        assert!(out.contains(r#""http://10.0.0.5:8080/fhirx/1""#));
+        assert!(out.contains(r#"a\"http://10.0.0.5:8080/fhir/1"#));
+        assert!(out.contains("\"n\":1.50"));
+        assert!(serde_json::from_str::<serde_json::Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn headers_and_chunked_bodies() {
+        let f = filter();
+        let mut ctx = RequestCtx::for_test("GET", "/fhir/Patient");
+        let mut resp = ResponseHeader::build(201, None).unwrap();
+        resp.insert_header("location", "http://10.0.0.5:8080/fhir/Patient/9/_history/1")
+            .unwrap();
+        resp.insert_header("content-type", "application/fhir+json")
+            .unwrap();
+        resp.insert_header("content-length", "10").unwrap();
+        f.response_filter(&mut resp, &mut ctx).unwrap();
+        assert_eq!(
+            resp.headers.get("location").unwrap(),
+            "https://api.example.org/r4/Patient/9/_history/1"
+        );
+        assert!(resp.headers.get("content-length").is_none());
+        let body = br#"{"fullUrl":"http://10.0.0.5:8080/fhir/Patient/9"}"#;
+        // Split at every offset: the same output.
+        for cut in 0..body.len() {
+            let mut ctx2 = RequestCtx::for_test("GET", "/");
+            let mut r = ResponseHeader::build(200, None).unwrap();
+            r.insert_header("content-type", "application/json").unwrap();
+            f.response_filter(&mut r, &mut ctx2).unwrap();
+            let mut a = Some(Bytes::copy_from_slice(&body[..cut]));
+            f.response_body_filter(&mut a, false, &mut ctx2).unwrap();
+            assert!(a.is_none(), "nothing is released before the end");
+            let mut b = Some(Bytes::copy_from_slice(&body[cut..]));
+            f.response_body_filter(&mut b, true, &mut ctx2).unwrap();
+            assert_eq!(
+                &b.unwrap()[..],
+                br#"{"fullUrl":"https://api.example.org/r4/Patient/9"}"#
+            );
+        }
+    }
+
+    #[test]
+    fn over_the_cap_aborts() {
+        let mut f = filter();
+        f.max = 8;
+        let mut ctx = RequestCtx::for_test("GET", "/");
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.insert_header("content-type", "application/fhir+json")
+            .unwrap();
+        f.response_filter(&mut r, &mut ctx).unwrap();
+        let mut a = Some(Bytes::from_static(b"0123456789"));
+        assert!(f.response_body_filter(&mut a, false, &mut ctx).is_err());
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let cx = BuildContext::default();
+        let e = build(
+            serde_yaml::from_str("{backend_base: ftp://x, public_base: https://a/b}").unwrap(),
+            &cx,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.path, "config.backend_base");
+    }
+}

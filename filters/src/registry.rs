@@ -102,6 +102,8 @@ impl FilterRegistry {
         r.register("request_limits", builtin::request_limits::build);
         r.register("cors", builtin::cors::build);
         r.register("fhir_links", builtin::fhir_links::build);
+        r.register("smart_scopes", builtin::smart_scopes::build);
+        r.register("patient_compartment", builtin::patient_compartment::build);
         r.register("jwt_auth", builtin::jwt_auth::build);
         r.register("rbac", builtin::rbac::build);
         r.register("ip_allow", builtin::ip_allow::build);

@@ -400,6 +400,44 @@ impl Gateway {
         }
         ctx.req.path = path;
         ctx.req.query = query.unwrap_or_default();
+        // FHIR routes: every request is classified once; what cannot be classified is refused.
+        // (OPTIONS is no FHIR interaction: CORS preflights are answered by the cors filter.)
+        if route.fhir && ctx.req.method != "OPTIONS" {
+            let below = if route.path_prefix == "/" {
+                ctx.req.path.as_str()
+            } else {
+                ctx.req
+                    .path
+                    .strip_prefix(route.path_prefix.as_str())
+                    .unwrap_or("")
+            };
+            let content_type = session
+                .req_header()
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            match caregate_fhir::classify(
+                &ctx.req.method,
+                if below.is_empty() { "/" } else { below },
+                &ctx.req.query,
+                content_type.as_deref(),
+                None,
+            ) {
+                Ok(class) => {
+                    let _ = ctx.req.facts.insert("gateway", class);
+                }
+                Err(e) => {
+                    ctx.route = Some(route);
+                    Self::record_gateway_denial(ctx, e.reason());
+                    return Some(LocalReply::error(
+                        StatusCode::BAD_REQUEST,
+                        e.reason(),
+                        e.detail(),
+                    ));
+                }
+            }
+        }
         ctx.route = Some(route);
         let cert = session
             .digest()

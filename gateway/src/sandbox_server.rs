@@ -65,7 +65,16 @@ impl SandboxServer {
     }
 
     /// Serve until `stop` turns true. Returns an error only when the first bind fails.
-    pub async fn serve(&self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    pub async fn serve(&self, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+        self.serve_with(None, stop).await
+    }
+
+    /// Like [`SandboxServer::serve`], starting with a listener already bound.
+    pub async fn serve_with(
+        &self,
+        mut bound: Option<TcpListener>,
+        mut stop: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
         let mut first = true;
         let mut down_rx = self.control.down.subscribe();
         loop {
@@ -78,7 +87,11 @@ impl SandboxServer {
                     _ = stop.changed() => continue,
                 }
             }
-            let listener = match TcpListener::bind(self.listen).await {
+            let bind = match bound.take() {
+                Some(l) => Ok(l),
+                None => TcpListener::bind(self.listen).await,
+            };
+            let listener = match bind {
                 Ok(l) => l,
                 Err(e) if first => return Err(e),
                 Err(e) => {
@@ -201,10 +214,35 @@ pub struct SandboxService(pub Arc<SandboxServer>);
 
 #[async_trait]
 impl BackgroundService for SandboxService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    /// Ready once the socket is bound, so the health checks that depend on this service never
+    /// probe a sandbox that is not listening yet.
+    async fn start_with_ready_notifier(
+        &self,
+        shutdown: ShutdownWatch,
+        ready: pingora::services::ServiceReadyNotifier,
+    ) {
+        let bound = TcpListener::bind(self.0.listen).await;
+        ready.notify_ready();
+        match bound {
+            Ok(l) => self.run(Some(l), shutdown).await,
+            Err(e) => log::error!(
+                "sandbox {}: cannot listen on {}: {e}",
+                self.0.name,
+                self.0.listen
+            ),
+        }
+    }
+
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.run(None, shutdown).await;
+    }
+}
+
+impl SandboxService {
+    async fn run(&self, bound: Option<TcpListener>, mut shutdown: ShutdownWatch) {
         let (tx, rx) = watch::channel(false);
         let server = self.0.clone();
-        let task = tokio::spawn(async move { server.serve(rx).await });
+        let task = tokio::spawn(async move { server.serve_with(bound, rx).await });
         let _ = shutdown.changed().await;
         let _ = tx.send(true);
         match task.await {

@@ -172,6 +172,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         None => None,
     };
     let mut controls = HashMap::new();
+    let mut sandbox_handles = Vec::new();
     for s in &cfg.sandboxes {
         let base = s.base_url();
         let sandbox = Sandbox::new(&base);
@@ -187,19 +188,23 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             Arc::new(sandbox),
         ));
         controls.insert(s.name.clone(), srv.control.clone());
-        server.add_service(background_service(
+        sandbox_handles.push(server.add_service(background_service(
             &format!("sandbox {}", s.name),
             SandboxService(srv),
-        ));
+        )));
     }
 
-    server.add_service(background_service(
+    let health = server.add_service(background_service(
         "upstream health",
         HealthService {
             pools: pools.as_ref().clone(),
             readiness: readiness.clone(),
         },
     ));
+    // Built-in sandboxes listen before the first health pass probes them.
+    for h in &sandbox_handles {
+        health.add_dependency(h);
+    }
 
     let pool_index: HashMap<&str, usize> = cfg
         .pools

@@ -50,19 +50,6 @@ routes:
         .as_str()
         .unwrap()
         .starts_with(&public_base));
-    let created = request(
-        addr(public),
-        "POST",
-        "/r4/Patient",
-        &[("Content-Type", "application/fhir+json")],
-        br#"{"resourceType":"Patient","name":[{"family":"Test"}]}"#,
-    );
-    assert_eq!(created.status, 201, "{}", created.text());
-    assert!(created
-        .header("location")
-        .unwrap()
-        .starts_with(&format!("{public_base}/Patient/")));
-
     let out = Command::new(&python)
         .arg(repo_root().join("integration-tests/peers/fhirpy/page_through.py"))
         .arg(&public_base)
@@ -88,4 +75,18 @@ routes:
             "the client saw a non-gateway URL: {u}"
         );
     }
+
+    // Location headers of writes are rewritten too.
+    let created = request(
+        addr(public),
+        "POST",
+        "/r4/Patient",
+        &[("Content-Type", "application/fhir+json")],
+        br#"{"resourceType":"Patient","name":[{"family":"Test"}]}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert!(created
+        .header("location")
+        .unwrap()
+        .starts_with(&format!("{public_base}/Patient/")));
 }

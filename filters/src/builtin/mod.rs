@@ -6,6 +6,8 @@ pub mod fhir_links;
 pub mod headers;
 pub mod ip_allow;
 pub mod jwt_auth;
+pub mod patient_compartment;
 pub mod rbac;
 pub mod request_limits;
+pub mod smart_scopes;
 pub mod tenant;

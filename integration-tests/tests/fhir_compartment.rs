@@ -1,0 +1,221 @@
+//! SMART scopes and the patient compartment end to end, against the sandbox (a FHIR server with
+//! no access control of its own that really returns other patients' data when asked).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use caregate_integration_tests::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const SECRET: &str = "patient-app-token-secret-0123456789abcdef";
+
+fn token(patient: &str, scope: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": "https://patients.test", "aud": "portal", "sub": format!("user-{patient}"), "exp": now + 600, "patient": patient, "scope": scope}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_patient_token_reaches_only_its_own_compartment() {
+    let (public, admin, sb) = (free_port(), free_port(), free_port());
+    let dir = TempDir::new("compartment");
+    let backend_base = format!("http://127.0.0.1:{sb}/fhir");
+    let public_base = format!("http://127.0.0.1:{public}/fhir");
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+audit: {{ path: "{audit}", hmac_key: "compartment-test-audit-key-0123456789abcdef" }}
+auth:
+  issuers:
+    - {{ name: patients, issuer: "https://patients.test", algorithms: [HS256], hs_secret: "{SECRET}", audiences: [portal], claims: {{ patient: patient }} }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+sandboxes: [ {{ name: fhir, listen: "127.0.0.1:{sb}", data_dir: "@CONF@/demo/data" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: a, backends: [ {{ sandbox: fhir }} ] }} ] }} ]
+routes:
+  - name: portal-fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    phi: true
+    pool: fhir
+    filters:
+      - {{ kind: jwt_auth }}
+      - {{ kind: smart_scopes }}
+      - {{ kind: patient_compartment }}
+      - {{ kind: fhir_links, config: {{ backend_base: "{backend_base}", public_base: "{public_base}" }} }}
+"#,
+        audit = dir.0.join("audit.jsonl").display()
+    );
+    let _gw = Gateway::start(&yaml, admin);
+    let s = addr(sb);
+    wait_until("sandbox up", Duration::from_secs(20), || {
+        try_request(s, "GET", "/healthz", &[], b"").is_ok()
+    });
+    // Two real patients, and one of B's observations, straight from the backend.
+    let patients = get(s, "/fhir/Patient?_count=10").json();
+    let ids: Vec<String> = patients["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let b_obs = get(s, &format!("/fhir/Observation?patient={b}&_count=1")).json()["entry"][0]
+        ["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a_obs = get(s, &format!("/fhir/Observation?patient={a}&_count=1")).json()["entry"][0]
+        ["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let p = addr(public);
+    let t = token(&a, "patient/*.cruds launch/patient");
+    let auth = format!("Bearer {t}");
+    let call = |m: &str, target: &str, body: &[u8]| {
+        try_request(
+            p,
+            m,
+            target,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/fhir+json"),
+            ],
+            body,
+        )
+    };
+
+    // A's own data: reads, searches, compartment search, $everything, paging through the gateway.
+    for target in [
+        format!("/fhir/Patient/{a}"),
+        format!("/fhir/Observation/{a_obs}"),
+        format!("/fhir/Observation?patient={a}&_count=5"),
+        format!("/fhir/Patient/{a}/Observation?_count=5"),
+        format!("/fhir/Patient?_id={a}"),
+        format!("/fhir/Patient/{a}/$everything?_count=5"),
+    ] {
+        let r = call("GET", &target, b"").unwrap();
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        assert!(
+            !r.text().contains(&format!("Patient/{b}")),
+            "{target} returned B's data"
+        );
+    }
+    let page1 = call(
+        "GET",
+        &format!("/fhir/Observation?patient={a}&_count=3"),
+        b"",
+    )
+    .unwrap()
+    .json();
+    let next = page1["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(next.starts_with(&public_base), "{next}");
+    let page2 = call(
+        "GET",
+        next.strip_prefix(&format!("http://127.0.0.1:{public}"))
+            .unwrap(),
+        b"",
+    )
+    .unwrap();
+    assert_eq!(page2.status, 200);
+    assert_ne!(
+        page2.json()["entry"][0]["resource"]["id"],
+        page1["entry"][0]["resource"]["id"]
+    );
+
+    // Every way to B's data the request shows is refused, 403 patient_compartment.
+    let before =
+        get(s, &format!("/fhir/Observation?patient={b}&_summary=count")).json()["total"].clone();
+    for (m, target, body) in [
+        ("GET", format!("/fhir/Patient/{b}"), String::new()),
+        ("GET", format!("/fhir/Observation?patient={b}"), String::new()),
+        ("GET", format!("/fhir/Observation?subject=Patient/{b}"), String::new()),
+        ("GET", format!("/fhir/Observation?patient={a},{b}"), String::new()),
+        ("GET", format!("/fhir/Observation?patient={a}&_include=Observation:subject"), String::new()),
+        ("GET", format!("/fhir/Patient?_id={a}&_revinclude=Observation:subject"), String::new()),
+        ("GET", "/fhir/Observation?subject.name=Smith".to_string(), String::new()),
+        ("GET", "/fhir/Patient?_has:Observation:patient:code=8302-2".to_string(), String::new()),
+        ("GET", format!("/fhir/Patient/{b}/$everything"), String::new()),
+        ("GET", format!("/fhir/Patient/{b}/Observation"), String::new()),
+        ("GET", "/fhir/Observation".to_string(), String::new()),
+        ("POST", "/fhir/Observation".to_string(), json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{b}")}}).to_string()),
+    ] {
+        let r = call(m, &target, body.as_bytes()).unwrap();
+        assert_eq!(r.status, 403, "{m} {target}: {}", r.text());
+        let v = r.json();
+        assert_eq!(v["issue"][0]["details"]["coding"][0]["code"], "patient_compartment", "{target}");
+        assert!(!r.text().contains(&b), "the refusal names no ids");
+    }
+    // A transaction Bundle is refused before anything is forwarded.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "GET", "url": format!("Patient/{b}")}}]});
+    let r = call("POST", "/fhir", tx.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    // The write referencing B never reached the backend.
+    assert_eq!(
+        get(s, &format!("/fhir/Observation?patient={b}&_summary=count")).json()["total"],
+        before
+    );
+
+    // A read by id of B's observation cannot be judged from the request: the response is checked
+    // and the exchange aborted — never a complete 200 with B's data.
+    match call("GET", &format!("/fhir/Observation/{b_obs}"), b"") {
+        Err(_) => {}
+        Ok(r) => {
+            assert_ne!(r.status, 200, "B's observation was delivered: {}", r.text());
+        }
+    }
+
+    // A's own write works and lands in A's compartment.
+    let own = json!({"resourceType": "Observation", "status": "final", "code": {"text": "steps"}, "subject": {"reference": format!("Patient/{a}")}});
+    let r = call("POST", "/fhir/Observation", own.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.header("location").unwrap().starts_with(&public_base));
+
+    // Scopes: a token without Observation read gets insufficient_scope.
+    let narrow = format!("Bearer {}", token(&a, "patient/Patient.r"));
+    let r = request(
+        p,
+        "GET",
+        &format!("/fhir/Observation?patient={a}"),
+        &[("Authorization", &narrow)],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer error=\"insufficient_scope\"")
+    );
+    assert_eq!(
+        r.json()["issue"][0]["details"]["coding"][0]["code"],
+        "insufficient_scope"
+    );
+    // Unknown resource types and bad ids are 400 OperationOutcomes from classification.
+    let r = request(
+        p,
+        "GET",
+        "/fhir/NotAType/1",
+        &[("Authorization", &narrow)],
+        b"",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["resourceType"], "OperationOutcome");
+}

@@ -208,6 +208,23 @@ routes:
         r.json()["issue"][0]["details"]["coding"][0]["code"],
         "insufficient_scope"
     );
+    // XML and Binary cannot be checked: refused with a clear error, never passed unchecked.
+    let r = call("GET", &format!("/fhir/Patient/{a}?_format=xml"), b"").unwrap();
+    assert_eq!(r.status, 406);
+    assert_eq!(
+        r.json()["issue"][0]["details"]["coding"][0]["code"],
+        "unsupported_format"
+    );
+    let r = request(
+        p,
+        "GET",
+        &format!("/fhir/Patient/{a}"),
+        &[("Authorization", &auth), ("Accept", "application/fhir+xml")],
+        b"",
+    );
+    assert_eq!(r.status, 406);
+    let r = call("GET", "/fhir/Binary/1", b"").unwrap();
+    assert_eq!(r.status, 403);
     // Unknown resource types and bad ids are 400 OperationOutcomes from classification.
     let r = request(
         p,

@@ -39,6 +39,13 @@ use std::sync::Arc;
 pub struct PatientCompartmentConfig {
     #[serde(default)]
     pub mode: Mode,
+    /// FHIR XML cannot be checked for the compartment: refused unless allowed here (and then
+    /// only where no body check is needed).
+    #[serde(default)]
+    pub allow_xml: bool,
+    /// `Binary` resources carry no patient reference the gateway can check.
+    #[serde(default)]
+    pub allow_binary: bool,
     #[serde(default = "d_max")]
     pub max_body_bytes: usize,
 }
@@ -50,6 +57,8 @@ fn d_max() -> usize {
 pub struct PatientCompartmentFilter {
     mode: Mode,
     max: usize,
+    allow_xml: bool,
+    allow_binary: bool,
 }
 
 /// Per-request state (written only by this filter).
@@ -73,6 +82,8 @@ pub fn build(
     Ok(Arc::new(PatientCompartmentFilter {
         mode: c.mode,
         max: c.max_body_bytes,
+        allow_xml: c.allow_xml,
+        allow_binary: c.allow_binary,
     }))
 }
 
@@ -276,7 +287,7 @@ impl Filter for PatientCompartmentFilter {
 
     async fn request_filter(
         &self,
-        _req: &mut RequestHeader,
+        req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Decision> {
         let Some(patient) = ctx.facts.get::<Principal>().and_then(|p| p.patient.clone()) else {
@@ -285,6 +296,33 @@ impl Filter for PatientCompartmentFilter {
         let Some(class) = ctx.facts.get::<FhirRequest>() else {
             return Ok(refuse("this request is not a classified FHIR interaction"));
         };
+        let header_has_xml = |name: http::header::HeaderName| {
+            req.headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.to_ascii_lowercase().contains("xml"))
+        };
+        let wants_xml = header_has_xml(header::ACCEPT)
+            || header_has_xml(header::CONTENT_TYPE)
+            || class.params.iter().any(|p| {
+                p.name == "_format"
+                    && p.values
+                        .iter()
+                        .any(|v| v.to_ascii_lowercase().contains("xml"))
+            });
+        if wants_xml && !self.allow_xml {
+            return Ok(Decision::Respond(LocalReply::error(
+                StatusCode::NOT_ACCEPTABLE,
+                "unsupported_format",
+                "FHIR XML cannot be checked for the patient compartment on this route; use JSON",
+            )));
+        }
+        if class.resource_type.as_deref() == Some("Binary") && !self.allow_binary {
+            return Ok(refuse(
+                "Binary resources are not available with a patient context on this route",
+            ));
+        }
         match judge(&patient, class) {
             Err(detail) => Ok(refuse(detail)),
             Ok(follow) => {
@@ -461,6 +499,8 @@ mod tests {
             ("PUT", "/Observation/1", ""),
             ("DELETE", "/Observation/1", ""),
             ("GET", "/Practitioner/1", ""),
+            ("GET", "/$export", ""),
+            ("GET", "/Patient/$export", ""),
         ];
         for (m, p, q) in refused {
             assert!(judge("A", &class(m, p, q)).is_err(), "{m} {p}?{q}");

@@ -165,10 +165,41 @@ routes:
         assert_eq!(v["issue"][0]["details"]["coding"][0]["code"], "patient_compartment", "{target}");
         assert!(!r.text().contains(&b), "the refusal names no ids");
     }
-    // A transaction Bundle is refused before anything is forwarded.
-    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "GET", "url": format!("Patient/{b}")}}]});
+    // Batch and transaction Bundles are authorised entry by entry before anything is forwarded:
+    // one foreign entry refuses the whole Bundle, naming the entry by its index.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": format!("Patient/{a}")}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "y"}, "subject": {"reference": format!("Patient/{a}")}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "z"}, "subject": {"reference": format!("Patient/{b}")}},
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
     let r = call("POST", "/fhir", tx.to_string().as_bytes()).unwrap();
     assert_eq!(r.status, 403, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        v["issue"][0]["details"]["coding"][0]["code"],
+        "patient_compartment"
+    );
+    assert!(
+        v["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("entry 2:"),
+        "{v}"
+    );
+    assert!(!r.text().contains(&b));
+    let batch_b = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": format!("/Patient/{b}")}}]});
+    let r = call("POST", "/fhir", batch_b.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 403);
+    // A's own transaction goes through.
+    let own_tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "w"}, "subject": {"reference": format!("Patient/{a}")}},
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let r = call("POST", "/fhir", own_tx.to_string().as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["type"], "transaction-response");
     // The write referencing B never reached the backend.
     assert_eq!(
         get(s, &format!("/fhir/Observation?patient={b}&_summary=count")).json()["total"],
@@ -225,6 +256,26 @@ routes:
     assert_eq!(r.status, 406);
     let r = call("GET", "/fhir/Binary/1", b"").unwrap();
     assert_eq!(r.status, 403);
+    // Scopes are judged per Bundle entry too.
+    let r = request(
+        p,
+        "POST",
+        "/fhir",
+        &[
+            ("Authorization", &narrow),
+            ("Content-Type", "application/fhir+json"),
+        ],
+        own_tx.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.json()["issue"][0]["details"]["coding"][0]["code"],
+        "insufficient_scope"
+    );
+    assert!(r.json()["issue"][0]["details"]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("entry 0:"));
     // Unknown resource types and bad ids are 400 OperationOutcomes from classification.
     let r = request(
         p,

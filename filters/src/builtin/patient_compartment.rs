@@ -65,6 +65,7 @@ pub struct PatientCompartmentFilter {
 #[derive(Debug, Default)]
 pub struct CompartmentState {
     pub patient: String,
+    pub bundle: bool,
     pub check_request_body: bool,
     pub request_body: Vec<u8>,
     pub check_response: bool,
@@ -201,6 +202,7 @@ pub fn judge(patient: &str, req: &FhirRequest) -> std::result::Result<Follow, &'
         I::Update | I::Patch | I::Delete => {
             Err("updates and deletes by id cannot be confined to the compartment yet")
         }
+        I::BatchOrTransaction => Ok(Follow::BundleBody),
         _ => Err("this interaction is not available with a patient context"),
     }
 }
@@ -211,6 +213,8 @@ pub enum Follow {
     Nothing,
     Response,
     RequestBody,
+    /// A batch/transaction: every entry is judged from the body before anything is forwarded.
+    BundleBody,
 }
 
 /// Every patient a resource (and its contained resources) references.
@@ -328,7 +332,8 @@ impl Filter for PatientCompartmentFilter {
             Ok(follow) => {
                 let state = CompartmentState {
                     patient,
-                    check_request_body: follow == Follow::RequestBody,
+                    bundle: follow == Follow::BundleBody,
+                    check_request_body: matches!(follow, Follow::RequestBody | Follow::BundleBody),
                     check_response: follow != Follow::Nothing,
                     ..Default::default()
                 };
@@ -367,6 +372,44 @@ impl Filter for PatientCompartmentFilter {
         }
         let body = std::mem::take(&mut st.request_body);
         st.check_request_body = false;
+        if st.bundle {
+            let entries = match crate::builtin::bundle_entries::entries(&body) {
+                Ok(e) => e,
+                Err(why) => {
+                    return Ok(Decision::Respond(LocalReply::error(
+                        StatusCode::FORBIDDEN,
+                        "patient_compartment",
+                        why,
+                    )))
+                }
+            };
+            for e in &entries {
+                let verdict = judge(&st.patient, &e.request).and_then(|follow| {
+                    if follow == Follow::RequestBody {
+                        let fits = e
+                            .resource
+                            .as_ref()
+                            .map(|r| resource_in_compartment(r, &st.patient))
+                            .unwrap_or(false);
+                        if !fits {
+                            return Err(
+                                "the resource must reference the caller's patient and no other",
+                            );
+                        }
+                    }
+                    Ok(follow)
+                });
+                if let Err(why) = verdict {
+                    return Ok(Decision::Respond(LocalReply::error(
+                        StatusCode::FORBIDDEN,
+                        "patient_compartment",
+                        format!("entry {}: {why}; the whole Bundle is refused", e.index),
+                    )));
+                }
+            }
+            *chunk = Some(Bytes::from(body));
+            return Ok(Decision::Continue);
+        }
         let ok = serde_json::from_slice::<Value>(&body)
             .map(|v| {
                 v.get("resourceType").and_then(Value::as_str) != Some("Patient")
@@ -495,7 +538,6 @@ mod tests {
             ("GET", "/Patient/B/Observation", ""),
             ("GET", "/Patient", "name=Smith"),
             ("GET", "/Observation", "patient=A&performer=Patient/B"),
-            ("POST", "/", ""),
             ("PUT", "/Observation/1", ""),
             ("DELETE", "/Observation/1", ""),
             ("GET", "/Practitioner/1", ""),

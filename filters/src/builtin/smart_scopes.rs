@@ -34,6 +34,15 @@ pub struct SmartScopesFilter {
     mode: Mode,
 }
 
+/// A batch/transaction body held until every entry is judged (written only by `smart_scopes`).
+#[derive(Debug, Default)]
+pub struct ScopeBundleBuffer {
+    pub body: Vec<u8>,
+}
+
+/// The most a batch/transaction body may hold while it is judged.
+const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The grant a request was allowed under (written only by `smart_scopes`): which context, and
 /// whether the patient compartment applies.
 #[derive(Debug, Clone)]
@@ -65,9 +74,6 @@ pub fn judge(
     req: &FhirRequest,
     form_search: bool,
 ) -> std::result::Result<ScopeGrant, &'static str> {
-    if req.interaction == Interaction::BatchOrTransaction {
-        return Err("batch and transaction Bundles are not accepted on this route yet");
-    }
     if form_search {
         return Err("form-encoded searches are not accepted on this route yet; use GET");
     }
@@ -95,7 +101,7 @@ pub fn judge(
                 });
             }
             Permit::PerEntry => {
-                return Err("batch and transaction Bundles are not accepted on this route yet")
+                return Err("batch and transaction Bundles are judged entry by entry")
             }
             Permit::Deny(_) => {}
         }
@@ -138,6 +144,13 @@ impl Filter for SmartScopesFilter {
             })
             .unwrap_or(false)
             && class.interaction.is_search();
+        if class.interaction == Interaction::BatchOrTransaction {
+            // Judged entry by entry once the whole Bundle is here (body phase).
+            let _ = ctx
+                .facts
+                .insert("smart_scopes", ScopeBundleBuffer::default());
+            return Ok(Decision::Continue);
+        }
         match judge(principal, class, form) {
             Ok(grant) => {
                 let _ = ctx.facts.insert("smart_scopes", grant);
@@ -145,6 +158,63 @@ impl Filter for SmartScopesFilter {
             }
             Err(detail) => Ok(denied(detail)),
         }
+    }
+
+    fn request_body_filter(
+        &self,
+        chunk: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Decision> {
+        let Some(buf) = ctx.facts.get_mut::<ScopeBundleBuffer>("smart_scopes") else {
+            return Ok(Decision::Continue);
+        };
+        if let Some(c) = chunk.take() {
+            if buf.body.len() + c.len() > MAX_BUNDLE_BYTES {
+                return Ok(Decision::Respond(LocalReply::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the Bundle is too large to be authorised",
+                )));
+            }
+            buf.body.extend_from_slice(&c);
+        }
+        if !end_of_stream {
+            return Ok(Decision::Continue);
+        }
+        let body = std::mem::take(&mut buf.body);
+        let Some(principal) = ctx.facts.get::<Principal>() else {
+            return Ok(denied("no authenticated caller with scopes"));
+        };
+        let entries = match crate::builtin::bundle_entries::entries(&body) {
+            Ok(e) => e,
+            Err(why) => {
+                return Ok(Decision::Respond(
+                    LocalReply::error(StatusCode::FORBIDDEN, "insufficient_scope", why)
+                        .with_header(
+                            header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                        ),
+                ))
+            }
+        };
+        for e in &entries {
+            if let Err(why) = judge(principal, &e.request, false) {
+                return Ok(Decision::Respond(
+                    LocalReply::error(
+                        StatusCode::FORBIDDEN,
+                        "insufficient_scope",
+                        format!("entry {}: {why}; the whole Bundle is refused", e.index),
+                    )
+                    .with_header(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                    ),
+                ));
+            }
+        }
+        *chunk = Some(bytes::Bytes::from(body));
+        Ok(Decision::Continue)
     }
 }
 

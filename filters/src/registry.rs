@@ -102,6 +102,7 @@ impl FilterRegistry {
         r.register("request_limits", builtin::request_limits::build);
         r.register("cors", builtin::cors::build);
         r.register("fhir_links", builtin::fhir_links::build);
+        r.register("fhir_mask", builtin::fhir_mask::build);
         r.register("smart_scopes", builtin::smart_scopes::build);
         r.register("patient_compartment", builtin::patient_compartment::build);
         r.register("jwt_auth", builtin::jwt_auth::build);

@@ -149,7 +149,7 @@ impl Gateway {
         std::fs::write(&config_path, yaml).unwrap();
         let proc = Proc::spawn(&["run", "-c", config_path.to_str().unwrap()], "gw-proc");
         let admin = addr(admin_port);
-        let gw = Gateway {
+        let mut gw = Gateway {
             proc,
             admin,
             config_path,
@@ -164,6 +164,9 @@ impl Gateway {
             }
             if Instant::now() > deadline {
                 panic!("gateway not ready; log:\n{}", gw.proc.log());
+            }
+            if let Ok(Some(status)) = gw.proc.child.try_wait() {
+                panic!("gateway exited ({status}); log:\n{}", gw.proc.log());
             }
             std::thread::sleep(Duration::from_millis(25));
         }

@@ -287,3 +287,147 @@ routes:
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["resourceType"], "OperationOutcome");
 }
+
+fn staff_token(role: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": "https://patients.test", "aud": "portal", "sub": format!("{role}-1"), "exp": now + 600, "roles": [role]}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn less_privileged_roles_get_masked_phi_and_everything_else_is_byte_identical() {
+    let (public, admin, sb) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+auth:
+  issuers:
+    - {{ name: staff, issuer: "https://patients.test", algorithms: [HS256], hs_secret: "{SECRET}", audiences: [portal] }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+sandboxes: [ {{ name: fhir, listen: "127.0.0.1:{sb}", data_dir: "@CONF@/demo/data" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: a, backends: [ {{ sandbox: fhir }} ] }} ] }} ]
+routes:
+  - name: staff-fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    pool: fhir
+    filters:
+      - {{ kind: jwt_auth }}
+      - kind: fhir_mask
+        config:
+          profiles:
+            - roles: [billing]
+              resources:
+                Patient:
+                  - {{ path: telecom, action: remove }}
+                  - {{ path: name, action: redact }}
+                  - {{ path: address, action: {{ keep_only: [state, postalCode] }} }}
+                  - {{ path: birthDate, action: year }}
+                  - {{ path: identifier.value, action: {{ last_chars: 4 }} }}
+"#
+    );
+    let _gw = Gateway::start(&yaml, admin);
+    let s = addr(sb);
+    wait_until("sandbox up", Duration::from_secs(20), || {
+        try_request(s, "GET", "/healthz", &[], b"").is_ok()
+    });
+    let a = get(s, "/fhir/Patient?_count=1").json()["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let direct = get(s, &format!("/fhir/Patient/{a}"));
+    let p = addr(public);
+
+    let clinician = request(
+        p,
+        "GET",
+        &format!("/fhir/Patient/{a}"),
+        &[(
+            "Authorization",
+            &format!("Bearer {}", staff_token("clinician")),
+        )],
+        b"",
+    );
+    assert_eq!(clinician.status, 200);
+    let strip_meta = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().remove("meta");
+        v
+    };
+    assert_eq!(
+        strip_meta(&clinician.json()),
+        strip_meta(&direct.json()),
+        "no profile: unmasked"
+    );
+
+    let billing = request(
+        p,
+        "GET",
+        &format!("/fhir/Patient/{a}"),
+        &[(
+            "Authorization",
+            &format!("Bearer {}", staff_token("billing")),
+        )],
+        b"",
+    );
+    assert_eq!(billing.status, 200);
+    let m = billing.json();
+    let d = direct.json();
+    assert!(m.get("telecom").is_none());
+    assert!(m["name"][0]["family"] == "REDACTED");
+    assert_eq!(
+        m["birthDate"].as_str().unwrap(),
+        &d["birthDate"].as_str().unwrap()[..4]
+    );
+    let addr0 = m["address"][0].as_object().unwrap();
+    assert!(
+        addr0.keys().all(|k| k == "state" || k == "postalCode"),
+        "{addr0:?}"
+    );
+    assert!(m["meta"]["security"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["code"] == "REDACTED"));
+    for (i, id) in m["identifier"].as_array().unwrap().iter().enumerate() {
+        let orig = d["identifier"][i]["value"].as_str().unwrap();
+        let want: String = orig
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        assert_eq!(id["value"].as_str().unwrap(), want);
+    }
+    // Unmasked elements are untouched.
+    assert_eq!(m["gender"], d["gender"]);
+    assert_eq!(m["id"], d["id"]);
+    // Every resource of a search Bundle is masked too.
+    let bundle = request(
+        p,
+        "GET",
+        "/fhir/Patient?_count=10",
+        &[(
+            "Authorization",
+            &format!("Bearer {}", staff_token("billing")),
+        )],
+        b"",
+    )
+    .json();
+    for e in bundle["entry"].as_array().unwrap() {
+        assert!(e["resource"].get("telecom").is_none());
+        assert_eq!(e["resource"]["name"][0]["family"], "REDACTED");
+    }
+}

@@ -4,6 +4,7 @@
 pub mod bundle_entries;
 pub mod cors;
 pub mod fhir_links;
+pub mod fhir_mask;
 pub mod headers;
 pub mod ip_allow;
 pub mod jwt_auth;

@@ -1,0 +1,313 @@
+//! `fhir_mask`: PHI masking for less-privileged callers (the `caregate-mask` engine).
+//!
+//! ```yaml
+//! - kind: fhir_mask
+//!   config:
+//!     profiles:                      # first profile whose roles the caller has applies
+//!       - roles: [billing, front_desk]
+//!         resources:
+//!           Patient:
+//!             - { path: telecom, action: remove }
+//!             - { path: name, action: redact }
+//!             - { path: address, action: { keep_only: [state, postalCode] } }
+//!             - { path: birthDate, action: year }
+//!             - { path: identifier.value, action: { last_chars: 4 } }
+//!     default: null                  # rules for callers no profile matches (none: unmasked)
+//!     max_body_bytes: 33554432
+//! ```
+//! Masked elements are removed or reduced; every other byte stays exactly as the backend sent
+//! it; each masked resource gets the `REDACTED` security label. The body is buffered up to
+//! `max_body_bytes` (the gateway asks the backend for an uncompressed body); a body that cannot
+//! be parsed, is compressed anyway, or is over the cap is never passed on: the exchange is
+//! aborted. HEAD, 204 and 304 pass untouched.
+
+use crate::identity::Principal;
+use crate::registry::{parse_config, BuildContext, BuildError};
+use crate::{Filter, FilterError, Mode, RequestCtx, RequestHeader, ResponseHeader, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use caregate_mask::{MaskRules, Masker};
+use http::header;
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskProfileConfig {
+    pub roles: Vec<String>,
+    /// Rules per resource type (read through JSON, so actions take the map form
+    /// `{ keep_only: [...] }` as well as plain names).
+    pub resources: serde_yaml::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirMaskConfig {
+    #[serde(default)]
+    pub profiles: Vec<MaskProfileConfig>,
+    #[serde(default)]
+    pub default: Option<serde_yaml::Value>,
+    #[serde(default = "d_max")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+fn d_max() -> usize {
+    32 * 1024 * 1024
+}
+
+pub struct FhirMaskFilter {
+    profiles: Vec<(Vec<String>, Arc<Masker>)>,
+    default: Option<Arc<Masker>>,
+    max: usize,
+    mode: Mode,
+}
+
+/// The masker chosen for this response and the body so far (written only by `fhir_mask`).
+pub struct MaskBuffer {
+    pub masker: Option<Arc<Masker>>,
+    pub body: Vec<u8>,
+}
+
+pub fn build(
+    config: serde_yaml::Value,
+    _cx: &BuildContext,
+) -> std::result::Result<Arc<dyn Filter>, BuildError> {
+    let c: FhirMaskConfig = parse_config(config)?;
+    let mut profiles = Vec::new();
+    for (i, p) in c.profiles.into_iter().enumerate() {
+        if p.roles.is_empty() {
+            return Err(BuildError::new(
+                format!("config.profiles[{i}].roles"),
+                "list at least one role",
+            ));
+        }
+        let m = rules(&format!("config.profiles[{i}].resources"), p.resources)?;
+        profiles.push((p.roles, Arc::new(m)));
+    }
+    let default = match c.default {
+        Some(r) => Some(Arc::new(rules("config.default", r)?)),
+        None => None,
+    };
+    if profiles.is_empty() && default.is_none() {
+        return Err(BuildError::new(
+            "config",
+            "give at least one profile or a default",
+        ));
+    }
+    Ok(Arc::new(FhirMaskFilter {
+        profiles,
+        default,
+        max: c.max_body_bytes.max(1),
+        mode: c.mode,
+    }))
+}
+
+fn rules(path: &str, v: serde_yaml::Value) -> std::result::Result<Masker, BuildError> {
+    let json = serde_json::to_value(v).map_err(|e| BuildError::new(path, e.to_string()))?;
+    let resources =
+        serde_json::from_value(json).map_err(|e| BuildError::new(path, e.to_string()))?;
+    Masker::new(MaskRules { resources }).map_err(|e| BuildError::new(path, e))
+}
+
+fn abort(why: &str) -> FilterError {
+    FilterError {
+        filter: "fhir_mask",
+        message: format!("{why}; exchange aborted (nothing unmasked is released)"),
+    }
+}
+
+impl FhirMaskFilter {
+    fn masker_for(&self, ctx: &RequestCtx) -> Option<Arc<Masker>> {
+        let roles: &[String] = ctx
+            .facts
+            .get::<Principal>()
+            .map(|p| p.roles.as_slice())
+            .unwrap_or(&[]);
+        self.profiles
+            .iter()
+            .find(|(want, _)| want.iter().any(|w| roles.contains(w)))
+            .map(|(_, m)| m.clone())
+            .or_else(|| self.default.clone())
+    }
+}
+
+#[async_trait]
+impl Filter for FhirMaskFilter {
+    fn kind(&self) -> &'static str {
+        "fhir_mask"
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        req: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        req.remove_header(&header::ACCEPT_ENCODING);
+        Ok(())
+    }
+
+    fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let Some(masker) = self.masker_for(ctx) else {
+            return Ok(());
+        };
+        let status = resp.status.as_u16();
+        if ctx.method == "HEAD" || status == 204 || status == 304 || !(200..300).contains(&status) {
+            return Ok(());
+        }
+        let json = resp
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.to_ascii_lowercase().contains("json"))
+            .unwrap_or(false);
+        if !json {
+            return Err(abort("a response that cannot be masked (not JSON)"));
+        }
+        if resp
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes() != b"identity")
+            .unwrap_or(false)
+        {
+            return Err(abort("a compressed response cannot be masked"));
+        }
+        resp.remove_header(&header::CONTENT_LENGTH);
+        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        ctx.facts
+            .insert(
+                "fhir_mask",
+                MaskBuffer {
+                    masker: Some(masker),
+                    body: Vec::new(),
+                },
+            )
+            .map_err(|e| FilterError {
+                filter: "fhir_mask",
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(buf) = ctx.facts.get_mut::<MaskBuffer>("fhir_mask") else {
+            return Ok(());
+        };
+        let Some(masker) = buf.masker.clone() else {
+            return Ok(());
+        };
+        if let Some(c) = chunk.take() {
+            if buf.body.len() + c.len() > self.max {
+                buf.masker = None;
+                return Err(abort("the body is over max_body_bytes"));
+            }
+            buf.body.extend_from_slice(&c);
+        }
+        if end_of_stream {
+            let body = std::mem::take(&mut buf.body);
+            buf.masker = None;
+            let out = masker
+                .mask(&body)
+                .map_err(|e| abort(&format!("the body cannot be masked ({e})")))?;
+            *chunk = Some(Bytes::from(out.body));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::identity::AuthMethod;
+
+    fn filter() -> Arc<dyn Filter> {
+        build(
+            serde_yaml::from_str(
+                "profiles:\n  - roles: [billing]\n    resources:\n      Patient:\n        - { path: telecom, action: remove }\n        - { path: birthDate, action: year }\n        - { path: address, action: { keep_only: [state] } }\n",
+            )
+            .unwrap(),
+            &BuildContext::default(),
+        )
+        .unwrap()
+    }
+
+    fn ctx(role: &str) -> RequestCtx {
+        let mut c = RequestCtx::for_test("GET", "/fhir/Patient/1");
+        c.facts
+            .insert(
+                "jwt_auth",
+                Principal {
+                    subject: "s".into(),
+                    issuer: None,
+                    client_id: None,
+                    roles: vec![role.into()],
+                    scopes: vec![],
+                    tenant: None,
+                    patient: None,
+                    fhir_user: None,
+                    method: AuthMethod::Token,
+                    system: None,
+                    expires_at: None,
+                },
+            )
+            .unwrap();
+        c
+    }
+
+    fn run(role: &str, body: &[u8], split: usize) -> std::result::Result<Vec<u8>, FilterError> {
+        let f = filter();
+        let mut c = ctx(role);
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "application/fhir+json")
+            .unwrap();
+        f.response_filter(&mut resp, &mut c)?;
+        let mut out = Vec::new();
+        let mut a = Some(Bytes::copy_from_slice(&body[..split]));
+        f.response_body_filter(&mut a, false, &mut c)?;
+        if let Some(x) = a {
+            out.extend_from_slice(&x);
+        }
+        let mut b = Some(Bytes::copy_from_slice(&body[split..]));
+        f.response_body_filter(&mut b, true, &mut c)?;
+        if let Some(x) = b {
+            out.extend_from_slice(&x);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn masks_for_the_profile_only_and_identically_at_every_split() {
+        let body = br#"{"resourceType":"Patient","id":"1","telecom":[{"value":"555"}],"birthDate":"1961-04-12","x":1.50}"#;
+        let first = run("billing", body, 0).unwrap();
+        let text = String::from_utf8(first.clone()).unwrap();
+        assert!(
+            !text.contains("555")
+                && text.contains("\"1961\"")
+                && text.contains("REDACTED")
+                && text.contains("1.50")
+        );
+        for cut in 0..body.len() {
+            assert_eq!(run("billing", body, cut).unwrap(), first, "split at {cut}");
+        }
+        assert_eq!(
+            run("clinician", body, 5).unwrap(),
+            body.to_vec(),
+            "no profile: untouched"
+        );
+        assert!(
+            run("billing", b"{not json", 3).is_err(),
+            "never passed unmasked"
+        );
+    }
+}

@@ -182,6 +182,12 @@ impl Filter for FhirLinksFilter {
         if is_json(resp) && !bodyless && !encoded {
             resp.remove_header(&header::CONTENT_LENGTH);
             let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+            if let Some(b) = ctx.facts.get_mut::<LinkRewriteBuffer>("fhir_links") {
+                // The hooks ran before on this request (an error reply after a response).
+                b.active = true;
+                b.body.clear();
+                return Ok(());
+            }
             ctx.facts
                 .insert(
                     "fhir_links",

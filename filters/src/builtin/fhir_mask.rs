@@ -68,6 +68,27 @@ pub struct FhirMaskFilter {
 pub struct MaskBuffer {
     pub masker: Option<Arc<Masker>>,
     pub body: Vec<u8>,
+    /// The upstream's content coding (gzip or deflate), decoded before masking.
+    pub encoding: Option<String>,
+}
+
+/// Decode a gzip or deflate body, bounded by `max` bytes.
+fn decode(encoding: &str, body: &[u8], max: usize) -> std::result::Result<Vec<u8>, FilterError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let reader: Box<dyn Read> = match encoding {
+        "gzip" | "x-gzip" => Box::new(flate2::read::GzDecoder::new(body)),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(body)),
+        _ => return Err(abort("an unsupported content coding")),
+    };
+    reader
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|_| abort("the compressed body cannot be decoded"))?;
+    if out.len() > max {
+        return Err(abort("the decoded body is over max_body_bytes"));
+    }
+    Ok(out)
 }
 
 pub fn build(
@@ -169,13 +190,20 @@ impl Filter for FhirMaskFilter {
         if !json {
             return Err(abort("a response that cannot be masked (not JSON)"));
         }
-        if resp
+        // A backend that compresses although asked not to is decoded, masked, and sent plain.
+        let encoding = resp
             .headers
             .get(header::CONTENT_ENCODING)
-            .map(|v| v.as_bytes() != b"identity")
-            .unwrap_or(false)
-        {
-            return Err(abort("a compressed response cannot be masked"));
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| v != "identity");
+        if let Some(e) = &encoding {
+            if !matches!(e.as_str(), "gzip" | "x-gzip" | "deflate") {
+                return Err(abort(
+                    "a response in a content coding that cannot be decoded",
+                ));
+            }
+            resp.remove_header(&header::CONTENT_ENCODING);
         }
         resp.remove_header(&header::CONTENT_LENGTH);
         let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
@@ -185,6 +213,7 @@ impl Filter for FhirMaskFilter {
                 MaskBuffer {
                     masker: Some(masker),
                     body: Vec::new(),
+                    encoding,
                 },
             )
             .map_err(|e| FilterError {
@@ -214,8 +243,11 @@ impl Filter for FhirMaskFilter {
             buf.body.extend_from_slice(&c);
         }
         if end_of_stream {
-            let body = std::mem::take(&mut buf.body);
+            let mut body = std::mem::take(&mut buf.body);
             buf.masker = None;
+            if let Some(e) = buf.encoding.take() {
+                body = decode(&e, &body, self.max)?;
+            }
             let out = masker
                 .mask(&body)
                 .map_err(|e| abort(&format!("the body cannot be masked ({e})")))?;
@@ -309,5 +341,105 @@ mod tests {
             run("billing", b"{not json", 3).is_err(),
             "never passed unmasked"
         );
+    }
+
+    #[test]
+    fn gzip_bodies_are_decoded_masked_and_sent_plain() {
+        use std::io::Write;
+        let body = br#"{"resourceType":"Patient","id":"1","telecom":[{"value":"555"}]}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body).unwrap();
+        let gz = gz.finish().unwrap();
+        let f = filter();
+        let mut c = ctx("billing");
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "application/fhir+json")
+            .unwrap();
+        resp.insert_header("content-encoding", "gzip").unwrap();
+        f.response_filter(&mut resp, &mut c).unwrap();
+        assert!(resp.headers.get("content-encoding").is_none());
+        let mut chunk = Some(Bytes::from(gz));
+        f.response_body_filter(&mut chunk, true, &mut c).unwrap();
+        let out = String::from_utf8(chunk.unwrap().to_vec()).unwrap();
+        assert!(!out.contains("555") && out.contains("REDACTED"), "{out}");
+    }
+
+    /// The same body split into chunks masks identically: at every offset for the (small) US
+    /// Core examples, at pseudo-random offsets for the large Synthea bundles.
+    #[test]
+    fn chunking_never_changes_the_output_over_the_corpora() {
+        let data = std::env::var("CAREGATE_FHIR_DATA")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fhir")
+            });
+        assert!(
+            data.join("us-core-examples").is_dir(),
+            "FHIR test data not found at {}",
+            data.display()
+        );
+        let f = build(
+            serde_yaml::from_str(
+                "profiles:\n  - roles: [billing]\n    resources:\n      Patient:\n        - { path: telecom, action: remove }\n        - { path: name, action: redact }\n        - { path: birthDate, action: year }\n",
+            )
+            .unwrap(),
+            &BuildContext::default(),
+        )
+        .unwrap();
+        let once = |body: &[u8], cuts: &[usize]| -> Vec<u8> {
+            let mut c = ctx("billing");
+            let mut resp = ResponseHeader::build(200, None).unwrap();
+            resp.insert_header("content-type", "application/fhir+json")
+                .unwrap();
+            f.response_filter(&mut resp, &mut c).unwrap();
+            let mut out = Vec::new();
+            let mut start = 0;
+            let ends: Vec<usize> = cuts
+                .iter()
+                .copied()
+                .chain(std::iter::once(body.len()))
+                .collect();
+            for (i, &cut) in ends.iter().enumerate() {
+                let mut ch = Some(Bytes::copy_from_slice(&body[start..cut]));
+                f.response_body_filter(&mut ch, i + 1 == ends.len(), &mut c)
+                    .unwrap();
+                if let Some(x) = ch {
+                    out.extend_from_slice(&x);
+                }
+                start = cut;
+            }
+            out
+        };
+        let mut files = 0;
+        for dir in ["us-core-examples", "synthea-r4/bundles"] {
+            for e in std::fs::read_dir(data.join(dir)).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().map(|x| x != "json").unwrap_or(true) {
+                    continue;
+                }
+                let body = std::fs::read(&p).unwrap();
+                let whole = once(&body, &[]);
+                let offsets: Vec<usize> = if dir == "us-core-examples" && body.len() <= 4096 {
+                    (1..body.len()).collect()
+                } else {
+                    let mut x: u64 = body.len() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+                    (0..25)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            1 + (x as usize) % (body.len() - 1)
+                        })
+                        .collect()
+                };
+                for o in offsets {
+                    assert_eq!(once(&body, &[o]), whole, "{} split at {o}", p.display());
+                }
+                let three = [body.len() / 3, body.len() / 2, 2 * body.len() / 3];
+                assert_eq!(once(&body, &three), whole, "{}", p.display());
+                files += 1;
+            }
+        }
+        assert!(files > 200, "{files}");
     }
 }

@@ -10,10 +10,11 @@
 //! request, a search not scoped to the caller's patient by one of the type's linking parameters,
 //! chained and `_has` parameters, `_include`/`_revinclude` (their results could reach other
 //! patients), `$everything` or compartment searches for another patient, system-level searches
-//! and history, batch/transaction Bundles, types outside the compartment, and updates, patches
+//! and history, types outside the compartment, and updates, patches
 //! and deletes by id (the stored resource cannot be judged from the request). A create whose body
 //! does not reference the caller's patient, or references another patient, is refused before
-//! anything but the header went upstream.
+//! anything but the header went upstream. Batch and transaction Bundles are judged entry by entry
+//! the same way; one refused entry refuses the Bundle, named by its index.
 //!
 //! A read by id cannot be judged from the request: the response body is buffered (bounded) and
 //! every returned resource — the resource, or each entry of a Bundle — must belong to the
@@ -161,6 +162,13 @@ pub fn judge(patient: &str, req: &FhirRequest) -> std::result::Result<Follow, &'
         I::SearchType => {
             let t = ty.ok_or("a search without a resource type")?;
             if t == "Patient" {
+                if req
+                    .params
+                    .iter()
+                    .any(|p| p.name == "_id" && p.modifier.is_some())
+                {
+                    return Err("a Patient search must be scoped to the caller (_id)");
+                }
                 let ids: Vec<&String> = req
                     .params
                     .iter()
@@ -322,6 +330,12 @@ impl Filter for PatientCompartmentFilter {
                 "FHIR XML cannot be checked for the patient compartment on this route; use JSON",
             )));
         }
+        if req.headers.contains_key("if-none-exist") {
+            // Conditional create criteria are a search whose outcome reveals other records.
+            return Ok(refuse(
+                "conditional requests are not available with a patient context",
+            ));
+        }
         if class.resource_type.as_deref() == Some("Binary") && !self.allow_binary {
             return Ok(refuse(
                 "Binary resources are not available with a patient context on this route",
@@ -385,6 +399,9 @@ impl Filter for PatientCompartmentFilter {
             };
             for e in &entries {
                 let verdict = judge(&st.patient, &e.request).and_then(|follow| {
+                    if follow == Follow::BundleBody {
+                        return Err("a Bundle inside a Bundle entry");
+                    }
                     if follow == Follow::RequestBody {
                         let fits = e
                             .resource
@@ -400,6 +417,7 @@ impl Filter for PatientCompartmentFilter {
                     Ok(follow)
                 });
                 if let Err(why) = verdict {
+                    *chunk = Some(Bytes::from(body));
                     return Ok(Decision::Respond(LocalReply::error(
                         StatusCode::FORBIDDEN,
                         "patient_compartment",
@@ -425,12 +443,25 @@ impl Filter for PatientCompartmentFilter {
         Ok(Decision::Continue)
     }
 
+    async fn upstream_request_filter(
+        &self,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Responses are read as plain JSON.
+        if ctx.facts.get::<CompartmentState>().is_some() {
+            req.remove_header(&header::ACCEPT_ENCODING);
+        }
+        Ok(())
+    }
+
     fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let status = resp.status.as_u16();
+        let head = ctx.method == "HEAD";
         let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
             return Ok(());
         };
-        let status = resp.status.as_u16();
-        if !st.check_response || !(200..300).contains(&status) || status == 204 {
+        if head || !st.check_response || !(200..300).contains(&status) || status == 204 {
             st.check_response = false;
             return Ok(());
         }

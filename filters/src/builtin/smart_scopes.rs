@@ -11,8 +11,10 @@
 //! `WWW-Authenticate: Bearer error="insufficient_scope"`.
 //!
 //! Fail-closed where the request alone cannot be judged yet: a search under a scope with a query
-//! restriction must carry that restriction itself; batch/transaction Bundles (judged entry by
-//! entry) and form-encoded `_search` bodies are refused with 403 until entry-level checks land.
+//! restriction must carry that restriction itself; `_include`/`_revinclude` and chained
+//! parameters (whose targets the request does not name) need a wildcard read/search scope;
+//! form-encoded `_search` bodies are refused. Batch and transaction Bundles are judged entry by
+//! entry once their body is here; one refused entry refuses the Bundle, named by its index.
 
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
@@ -78,6 +80,29 @@ pub fn judge(
         return Err("form-encoded searches are not accepted on this route yet; use GET");
     }
     let (scopes, _unparsed) = ScopeSet::parse_lenient(&principal.scopes.join(" "));
+    // Includes and chains reach types the request does not name: only a wildcard scope covers
+    // them.
+    let reaches_other_types = req.params.iter().any(|p| {
+        p.name == "_include"
+            || p.name == "_revinclude"
+            || (!p.chain.is_empty() && p.modifier.is_none())
+    });
+    if reaches_other_types {
+        let wildcard = [Context::Patient, Context::User, Context::System]
+            .iter()
+            .any(|c| {
+                (*c != Context::Patient || principal.patient.is_some())
+                    && caregate_fhir::R4_RESOURCE_TYPES.iter().all(|t| {
+                        matches!(
+                            scopes.permits_resource(*c, t, caregate_fhir::Permission::Read),
+                            Permit::Allow(_)
+                        )
+                    })
+            });
+        if !wildcard {
+            return Err("_include, _revinclude and untyped chains need a wildcard read scope");
+        }
+    }
     let mut contexts = Vec::new();
     if principal.patient.is_some() {
         contexts.push(Context::Patient);

@@ -104,6 +104,7 @@ impl FilterRegistry {
         r.register("fhir_links", builtin::fhir_links::build);
         r.register("fhir_mask", builtin::fhir_mask::build);
         r.register("smart_scopes", builtin::smart_scopes::build);
+        r.register("smart_configuration", builtin::smart_configuration::build);
         r.register("patient_compartment", builtin::patient_compartment::build);
         r.register("jwt_auth", builtin::jwt_auth::build);
         r.register("rbac", builtin::rbac::build);

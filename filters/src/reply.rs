@@ -12,6 +12,8 @@ pub enum ReplyBody {
     Error,
     /// No body (`Content-Length: 0`), e.g. a CORS preflight answer.
     Empty,
+    /// A JSON document the filter serves itself (e.g. a SMART configuration).
+    Json(bytes::Bytes),
 }
 
 /// A reply the gateway writes on a filter's behalf.

@@ -149,6 +149,10 @@ impl Gateway {
                 Bytes::from(body)
             }
             ReplyBody::Empty => Bytes::new(),
+            ReplyBody::Json(b) => {
+                resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+                b
+            }
         };
         for (name, value) in reply.headers {
             resp.append_header(name, value)?;
@@ -402,7 +406,9 @@ impl Gateway {
         ctx.req.query = query.unwrap_or_default();
         // FHIR routes: every request is classified once; what cannot be classified is refused.
         // (OPTIONS is no FHIR interaction: CORS preflights are answered by the cors filter.)
-        if route.fhir && ctx.req.method != "OPTIONS" {
+        // (`/.well-known/` documents, such as the SMART configuration, are not FHIR interactions.)
+        let well_known = ctx.req.path.contains("/.well-known/");
+        if route.fhir && ctx.req.method != "OPTIONS" && !well_known {
             let below = if route.path_prefix == "/" {
                 ctx.req.path.as_str()
             } else {

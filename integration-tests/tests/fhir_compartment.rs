@@ -48,6 +48,7 @@ routes:
     phi: true
     pool: fhir
     filters:
+      - {{ kind: smart_configuration, config: {{ document: {{ token_endpoint: "https://patients.test/token", capabilities: [launch-standalone, context-standalone-patient, permission-v2], scopes_supported: ["patient/*.rs"] }} }} }}
       - {{ kind: jwt_auth }}
       - {{ kind: smart_scopes }}
       - {{ kind: patient_compartment }}
@@ -95,6 +96,12 @@ routes:
             body,
         )
     };
+
+    // SMART discovery is public and served at the edge.
+    let r = get(p, "/fhir/.well-known/smart-configuration");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.json()["token_endpoint"], "https://patients.test/token");
 
     // A's own data: reads, searches, compartment search, $everything, paging through the gateway.
     for target in [

@@ -11,5 +11,6 @@ pub mod jwt_auth;
 pub mod patient_compartment;
 pub mod rbac;
 pub mod request_limits;
+pub mod smart_configuration;
 pub mod smart_scopes;
 pub mod tenant;

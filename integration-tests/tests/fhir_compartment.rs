@@ -283,6 +283,63 @@ routes:
         .as_str()
         .unwrap()
         .starts_with("entry 0:"));
+    // A restricted scope (laboratory results only): searches must carry the restriction; a read
+    // by id is checked on the response, and a vital sign is never delivered.
+    let lab_scope = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
+    let lab_auth = format!("Bearer {}", token(&a, lab_scope));
+    let lab_id = get(
+        s,
+        &format!("/fhir/Observation?patient={a}&category=laboratory&_count=1"),
+    )
+    .json()["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vital_id = get(
+        s,
+        &format!("/fhir/Observation?patient={a}&category=vital-signs&_count=1"),
+    )
+    .json()["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = request(
+        p,
+        "GET",
+        &format!("/fhir/Observation/{lab_id}"),
+        &[("Authorization", &lab_auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    match try_request(
+        p,
+        "GET",
+        &format!("/fhir/Observation/{vital_id}"),
+        &[("Authorization", &lab_auth)],
+        b"",
+    ) {
+        Err(_) => {}
+        Ok(r) => assert_ne!(
+            r.status, 200,
+            "a vital sign was delivered under a laboratory-only scope"
+        ),
+    }
+    let r = request(
+        p,
+        "GET",
+        &format!("/fhir/Observation?patient={a}"),
+        &[("Authorization", &lab_auth)],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    let r = request(
+        p,
+        "GET",
+        &format!("/fhir/Observation?patient={a}&category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory"),
+        &[("Authorization", &lab_auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     // Unknown resource types and bad ids are 400 OperationOutcomes from classification.
     let r = request(
         p,

@@ -51,6 +51,65 @@ const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 pub struct ScopeGrant {
     pub context: Context,
     pub patient_compartment: bool,
+    /// Restrictions a read's response must meet (the request alone cannot tell): for resources
+    /// of the type (None = every type), at least one parameter set must match.
+    pub response_checks: Vec<(Option<String>, Vec<Vec<caregate_fhir::SearchParam>>)>,
+}
+
+/// A response held until the restricted scope's conditions are checked (written only by
+/// `smart_scopes`).
+#[derive(Debug, Default)]
+pub struct ScopeResponseBuffer {
+    pub active: bool,
+    pub body: Vec<u8>,
+}
+
+/// Whether a FHIR element meets one token value (`system|code`, `|code`, or `code`): a
+/// CodeableConcept (any coding), a Coding, a code string, or an array of those.
+fn element_matches(el: Option<&serde_json::Value>, value: &str) -> bool {
+    use serde_json::Value;
+    let (system, code) = match value.split_once('|') {
+        Some((s, c)) => (Some(s), c),
+        None => (None, value),
+    };
+    let coding_matches = |c: &Value| {
+        c.get("code").and_then(Value::as_str) == Some(code)
+            && match system {
+                None => true,
+                Some("") => c.get("system").is_none(),
+                Some(s) => c.get("system").and_then(Value::as_str) == Some(s),
+            }
+    };
+    match el {
+        Some(Value::Array(a)) => a.iter().any(|x| element_matches(Some(x), value)),
+        Some(Value::Object(o)) => match o.get("coding").and_then(Value::as_array) {
+            Some(codings) => codings.iter().any(coding_matches),
+            None => coding_matches(&Value::Object(o.clone())),
+        },
+        Some(Value::String(s)) => system.is_none() && s == code,
+        _ => false,
+    }
+}
+
+/// Whether a resource meets a restricted scope's conditions.
+pub fn resource_meets(
+    r: &serde_json::Value,
+    checks: &[(Option<String>, Vec<Vec<caregate_fhir::SearchParam>>)],
+) -> bool {
+    let ty = r.get("resourceType").and_then(serde_json::Value::as_str);
+    if ty == Some("OperationOutcome") {
+        return true;
+    }
+    checks.iter().all(|(t, any_of)| {
+        if t.is_some() && t.as_deref() != ty {
+            return true;
+        }
+        any_of.iter().any(|params| {
+            params
+                .iter()
+                .all(|p| p.values.iter().any(|v| element_matches(r.get(&p.name), v)))
+        })
+    })
 }
 
 pub fn build(
@@ -113,16 +172,35 @@ pub fn judge(
     for ctx in contexts {
         match scopes.permits(ctx, req) {
             Permit::Allow(grant) => {
-                let unmet = grant.conditions.iter().any(|c| {
-                    !c.any_of.is_empty() && !c.any_of.iter().any(|r| r.carried_by_request)
-                });
-                if unmet {
+                let unmet: Vec<_> = grant
+                    .conditions
+                    .iter()
+                    .filter(|c| {
+                        !c.any_of.is_empty() && !c.any_of.iter().any(|r| r.carried_by_request)
+                    })
+                    .collect();
+                let reads = matches!(
+                    req.interaction,
+                    Interaction::Read | Interaction::Vread | Interaction::HistoryInstance
+                );
+                if !unmet.is_empty() && !reads {
                     restricted = true;
                     continue;
                 }
+                // A read by id cannot be judged from the request: its response is checked.
+                let response_checks = unmet
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.resource_type.clone(),
+                            c.any_of.iter().map(|r| r.params.clone()).collect(),
+                        )
+                    })
+                    .collect();
                 return Ok(ScopeGrant {
                     context: grant.context,
                     patient_compartment: grant.patient_compartment,
+                    response_checks,
                 });
             }
             Permit::PerEntry => {
@@ -183,6 +261,132 @@ impl Filter for SmartScopesFilter {
             }
             Err(detail) => Ok(denied(detail)),
         }
+    }
+
+    fn response_filter(
+        &self,
+        resp: &mut crate::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let needs = ctx
+            .facts
+            .get::<ScopeGrant>()
+            .map(|g| !g.response_checks.is_empty())
+            .unwrap_or(false);
+        let status = resp.status.as_u16();
+        if !needs || ctx.method == "HEAD" || !(200..300).contains(&status) || status == 204 {
+            return Ok(());
+        }
+        let json = resp
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.to_ascii_lowercase().contains("json"))
+            .unwrap_or(false);
+        let encoded = resp
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes() != b"identity")
+            .unwrap_or(false);
+        if !json || encoded {
+            return Err(crate::FilterError {
+                filter: "smart_scopes",
+                message: "a response under a restricted scope that cannot be checked".into(),
+            });
+        }
+        resp.remove_header(&header::CONTENT_LENGTH);
+        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        match ctx.facts.get_mut::<ScopeResponseBuffer>("smart_scopes") {
+            Some(b) => {
+                b.active = true;
+                b.body.clear();
+            }
+            None => {
+                let _ = ctx.facts.insert(
+                    "smart_scopes",
+                    ScopeResponseBuffer {
+                        active: true,
+                        body: Vec::new(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        chunk: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let checks = match ctx.facts.get::<ScopeGrant>() {
+            Some(g) if !g.response_checks.is_empty() => g.response_checks.clone(),
+            _ => return Ok(()),
+        };
+        let Some(buf) = ctx.facts.get_mut::<ScopeResponseBuffer>("smart_scopes") else {
+            return Ok(());
+        };
+        if !buf.active {
+            return Ok(());
+        }
+        if let Some(c) = chunk.take() {
+            if buf.body.len() + c.len() > MAX_BUNDLE_BYTES {
+                buf.active = false;
+                return Err(crate::FilterError {
+                    filter: "smart_scopes",
+                    message: "a restricted response too large to check; exchange aborted".into(),
+                });
+            }
+            buf.body.extend_from_slice(&c);
+        }
+        if !end_of_stream {
+            return Ok(());
+        }
+        buf.active = false;
+        let body = std::mem::take(&mut buf.body);
+        let ok = serde_json::from_slice::<serde_json::Value>(&body)
+            .map(|v| {
+                if v.get("resourceType").and_then(serde_json::Value::as_str) == Some("Bundle") {
+                    v.get("entry")
+                        .and_then(serde_json::Value::as_array)
+                        .map(|es| {
+                            es.iter().all(|e| {
+                                e.get("resource")
+                                    .map(|r| resource_meets(r, &checks))
+                                    .unwrap_or(true)
+                            })
+                        })
+                        .unwrap_or(true)
+                } else {
+                    resource_meets(&v, &checks)
+                }
+            })
+            .unwrap_or(false);
+        if !ok {
+            return Err(crate::FilterError {
+                filter: "smart_scopes",
+                message: "the response falls outside the restricted scope; exchange aborted".into(),
+            });
+        }
+        *chunk = Some(bytes::Bytes::from(body));
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx
+            .facts
+            .get::<ScopeGrant>()
+            .map(|g| !g.response_checks.is_empty())
+            .unwrap_or(false)
+        {
+            req.remove_header(&header::ACCEPT_ENCODING);
+        }
+        Ok(())
     }
 
     fn request_body_filter(
@@ -318,5 +522,12 @@ mod tests {
         );
         assert!(judge(&p, &with, false).is_ok());
         assert!(judge(&p, &class("GET", "/Observation", "patient=A"), false).is_err());
+        // A read by id is allowed with its response checked.
+        let g = judge(&p, &class("GET", "/Observation/1", ""), false).unwrap();
+        assert_eq!(g.response_checks.len(), 1);
+        let lab = serde_json::json!({"resourceType": "Observation", "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}]});
+        let vitals = serde_json::json!({"resourceType": "Observation", "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}]});
+        assert!(resource_meets(&lab, &g.response_checks));
+        assert!(!resource_meets(&vitals, &g.response_checks));
     }
 }

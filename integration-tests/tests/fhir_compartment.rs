@@ -246,6 +246,18 @@ routes:
         r.json()["issue"][0]["details"]["coding"][0]["code"],
         "insufficient_scope"
     );
+    // A form-encoded POST _search could carry another patient in its body: refused.
+    let r = request(
+        p,
+        "POST",
+        "/fhir/Observation/_search",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("patient={b}").as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
     // XML and Binary cannot be checked: refused with a clear error, never passed unchecked.
     let r = call("GET", &format!("/fhir/Patient/{a}?_format=xml"), b"").unwrap();
     assert_eq!(r.status, 406);

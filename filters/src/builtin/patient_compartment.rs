@@ -330,6 +330,22 @@ impl Filter for PatientCompartmentFilter {
                 "FHIR XML cannot be checked for the patient compartment on this route; use JSON",
             )));
         }
+        let form_body = req
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.to_ascii_lowercase()
+                    .starts_with("application/x-www-form-urlencoded")
+            })
+            .unwrap_or(false);
+        if form_body {
+            // Parameters in a form body (POST _search) are not judged here: refuse rather than
+            // pass what could name another patient.
+            return Ok(refuse(
+                "form-encoded searches are not available with a patient context; use GET",
+            ));
+        }
         if req.headers.contains_key("if-none-exist") {
             // Conditional create criteria are a search whose outcome reveals other records.
             return Ok(refuse(

@@ -246,7 +246,8 @@ routes:
         r.json()["issue"][0]["details"]["coding"][0]["code"],
         "insufficient_scope"
     );
-    // A form-encoded POST _search could carry another patient in its body: refused.
+    // A form-encoded POST _search is judged with its body's parameters: another patient there is
+    // refused, the caller's own works.
     let r = request(
         p,
         "POST",
@@ -258,6 +259,18 @@ routes:
         format!("patient={b}").as_bytes(),
     );
     assert_eq!(r.status, 403, "{}", r.text());
+    let r = request(
+        p,
+        "POST",
+        "/fhir/Observation/_search",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("patient={a}&_count=2").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["resourceType"], "Bundle");
     // XML and Binary cannot be checked: refused with a clear error, never passed unchecked.
     let r = call("GET", &format!("/fhir/Patient/{a}?_format=xml"), b"").unwrap();
     assert_eq!(r.status, 406);

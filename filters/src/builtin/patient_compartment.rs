@@ -67,6 +67,8 @@ pub struct PatientCompartmentFilter {
 pub struct CompartmentState {
     pub patient: String,
     pub bundle: bool,
+    /// A form-encoded search whose parameters are judged from the body.
+    pub form_search: bool,
     pub check_request_body: bool,
     pub request_body: Vec<u8>,
     pub check_response: bool,
@@ -339,12 +341,24 @@ impl Filter for PatientCompartmentFilter {
                     .starts_with("application/x-www-form-urlencoded")
             })
             .unwrap_or(false);
+        if form_body && class.interaction.is_search() {
+            // The parameters are in the body: judged once it is here (body phase).
+            let state = CompartmentState {
+                patient,
+                form_search: true,
+                check_request_body: true,
+                ..Default::default()
+            };
+            ctx.facts
+                .insert("patient_compartment", state)
+                .map_err(|e| FilterError {
+                    filter: "patient_compartment",
+                    message: e.to_string(),
+                })?;
+            return Ok(Decision::Continue);
+        }
         if form_body {
-            // Parameters in a form body (POST _search) are not judged here: refuse rather than
-            // pass what could name another patient.
-            return Ok(refuse(
-                "form-encoded searches are not available with a patient context; use GET",
-            ));
+            return Ok(refuse("a form body is only accepted on searches"));
         }
         if req.headers.contains_key("if-none-exist") {
             // Conditional create criteria are a search whose outcome reveals other records.
@@ -402,6 +416,32 @@ impl Filter for PatientCompartmentFilter {
         }
         let body = std::mem::take(&mut st.request_body);
         st.check_request_body = false;
+        if st.form_search {
+            let patient = st.patient.clone();
+            let verdict = match (
+                ctx.facts.get::<FhirRequest>(),
+                std::str::from_utf8(&body)
+                    .ok()
+                    .map(caregate_fhir::parse_params),
+            ) {
+                (Some(class), Some(Ok(params))) => {
+                    let mut merged = class.clone();
+                    merged.params.extend(params);
+                    judge(&patient, &merged)
+                }
+                _ => Err("the form-encoded search parameters cannot be read"),
+            };
+            *chunk = Some(Bytes::from(body));
+            return match verdict {
+                Ok(follow) => {
+                    if let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") {
+                        st.check_response = follow != Follow::Nothing;
+                    }
+                    Ok(Decision::Continue)
+                }
+                Err(why) => Ok(refuse(why)),
+            };
+        }
         if st.bundle {
             let entries = match crate::builtin::bundle_entries::entries(&body) {
                 Ok(e) => e,

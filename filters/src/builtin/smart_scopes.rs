@@ -40,6 +40,8 @@ pub struct SmartScopesFilter {
 #[derive(Debug, Default)]
 pub struct ScopeBundleBuffer {
     pub body: Vec<u8>,
+    /// A form-encoded search (its parameters are in the body), not a Bundle.
+    pub form: bool,
 }
 
 /// The most a batch/transaction body may hold while it is judged.
@@ -254,7 +256,18 @@ impl Filter for SmartScopesFilter {
                 .insert("smart_scopes", ScopeBundleBuffer::default());
             return Ok(Decision::Continue);
         }
-        match judge(principal, class, form) {
+        if form {
+            // The search's parameters are in the body: judged once it is here.
+            let _ = ctx.facts.insert(
+                "smart_scopes",
+                ScopeBundleBuffer {
+                    body: Vec::new(),
+                    form: true,
+                },
+            );
+            return Ok(Decision::Continue);
+        }
+        match judge(principal, class, false) {
             Ok(grant) => {
                 let _ = ctx.facts.insert("smart_scopes", grant);
                 Ok(Decision::Continue)
@@ -412,9 +425,34 @@ impl Filter for SmartScopesFilter {
             return Ok(Decision::Continue);
         }
         let body = std::mem::take(&mut buf.body);
+        let form = buf.form;
         let Some(principal) = ctx.facts.get::<Principal>() else {
+            *chunk = Some(bytes::Bytes::from(body));
             return Ok(denied("no authenticated caller with scopes"));
         };
+        if form {
+            let verdict = match (
+                ctx.facts.get::<FhirRequest>(),
+                std::str::from_utf8(&body)
+                    .ok()
+                    .map(caregate_fhir::parse_params),
+            ) {
+                (Some(class), Some(Ok(params))) => {
+                    let mut merged = class.clone();
+                    merged.params.extend(params);
+                    judge(principal, &merged, false)
+                }
+                _ => Err("the form-encoded search parameters cannot be read"),
+            };
+            *chunk = Some(bytes::Bytes::from(body));
+            return match verdict {
+                Ok(grant) => {
+                    let _ = ctx.facts.insert("smart_scopes", grant);
+                    Ok(Decision::Continue)
+                }
+                Err(why) => Ok(denied(why)),
+            };
+        }
         let entries = match crate::builtin::bundle_entries::entries(&body) {
             Ok(e) => e,
             Err(why) => {

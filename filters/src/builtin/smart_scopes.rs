@@ -466,7 +466,16 @@ impl Filter for SmartScopesFilter {
             }
         };
         for e in &entries {
-            if let Err(why) = judge(principal, &e.request, false) {
+            // A read under a restricted scope needs its response checked; inside a Bundle that
+            // check is not made, so such an entry is refused.
+            let verdict = judge(principal, &e.request, false).and_then(|g| {
+                if g.response_checks.is_empty() {
+                    Ok(g)
+                } else {
+                    Err("a read under a restricted scope is not accepted inside a Bundle")
+                }
+            });
+            if let Err(why) = verdict {
                 return Ok(Decision::Respond(
                     LocalReply::error(
                         StatusCode::FORBIDDEN,

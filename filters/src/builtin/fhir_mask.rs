@@ -181,12 +181,7 @@ impl Filter for FhirMaskFilter {
         if ctx.method == "HEAD" || status == 204 || status == 304 || !(200..300).contains(&status) {
             return Ok(());
         }
-        let json = resp
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.to_ascii_lowercase().contains("json"))
-            .unwrap_or(false);
+        let json = crate::builtin::body::is_json(resp);
         if !json {
             return Err(abort("a response that cannot be masked (not JSON)"));
         }

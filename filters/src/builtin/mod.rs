@@ -1,6 +1,7 @@
 //! The built-in filter kinds. Each module holds one kind: its typed config, its build function
 //! and its filter.
 
+pub mod body;
 pub mod bundle_entries;
 pub mod cors;
 pub mod fhir_links;

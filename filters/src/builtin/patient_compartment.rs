@@ -332,15 +332,7 @@ impl Filter for PatientCompartmentFilter {
                 "FHIR XML cannot be checked for the patient compartment on this route; use JSON",
             )));
         }
-        let form_body = req
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.to_ascii_lowercase()
-                    .starts_with("application/x-www-form-urlencoded")
-            })
-            .unwrap_or(false);
+        let form_body = crate::builtin::body::is_form(req);
         if form_body && class.interaction.is_search() {
             // The parameters are in the body: judged once it is here (body phase).
             let state = CompartmentState {
@@ -521,17 +513,8 @@ impl Filter for PatientCompartmentFilter {
             st.check_response = false;
             return Ok(());
         }
-        let json = resp
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.to_ascii_lowercase().contains("json"))
-            .unwrap_or(false);
-        let encoded = resp
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .map(|v| v.as_bytes() != b"identity")
-            .unwrap_or(false);
+        let json = crate::builtin::body::is_json(resp);
+        let encoded = crate::builtin::body::is_encoded(resp);
         if !json || encoded {
             // Nothing this filter can judge is ever passed unchecked.
             return Err(FilterError {

@@ -239,16 +239,7 @@ impl Filter for SmartScopesFilter {
         let Some(class) = ctx.facts.get::<FhirRequest>() else {
             return Ok(denied("this request is not a classified FHIR interaction"));
         };
-        let form = req
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.to_ascii_lowercase()
-                    .starts_with("application/x-www-form-urlencoded")
-            })
-            .unwrap_or(false)
-            && class.interaction.is_search();
+        let form = crate::builtin::body::is_form(req) && class.interaction.is_search();
         if class.interaction == Interaction::BatchOrTransaction {
             // Judged entry by entry once the whole Bundle is here (body phase).
             let _ = ctx
@@ -290,17 +281,8 @@ impl Filter for SmartScopesFilter {
         if !needs || ctx.method == "HEAD" || !(200..300).contains(&status) || status == 204 {
             return Ok(());
         }
-        let json = resp
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.to_ascii_lowercase().contains("json"))
-            .unwrap_or(false);
-        let encoded = resp
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .map(|v| v.as_bytes() != b"identity")
-            .unwrap_or(false);
+        let json = crate::builtin::body::is_json(resp);
+        let encoded = crate::builtin::body::is_encoded(resp);
         if !json || encoded {
             return Err(crate::FilterError {
                 filter: "smart_scopes",

@@ -190,7 +190,7 @@ holding synthetic Synthea patients. Try, in another terminal:
   # take zone-a down: its sandbox closes its socket; traffic fails over to zone-b
   curl -s -X POST http://{admin}/sandbox/{zone_a}/outage
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' 'http://{public}/fhir/Patient?_count=1'; done; echo
-  curl -s 'http://{public}/fhir/Patient?_count=1' | grep -o '"url":"[^"]*"' | head -n 1   # now served by zone-b
+  curl -s -o /dev/null -w '%{{http_code}}\n' 'http://{public}/fhir/Patient?_count=1'   # still served, by zone-b
   curl -s http://{admin}/metrics | grep -E 'caregate_upstream_(failovers_total|backend_healthy)'
   curl -s -X POST http://{admin}/sandbox/{zone_a}/restore
 

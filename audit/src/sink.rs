@@ -637,11 +637,8 @@ impl Writer {
         match self.commit(&items, seal) {
             Ok(seqs) => {
                 let n = items.len();
-                for (item, seq) in items.into_iter().zip(seqs) {
-                    if let Some(tx) = item.waiter {
-                        let _ = tx.send(Ok(seq));
-                    }
-                }
+                // Publish the sink's state before waking the waiters, so a caller whose record
+                // was just written never sees the sink as unhealthy or the record as pending.
                 self.shared.depth.fetch_sub(n, Ordering::AcqRel);
                 self.shared.written.fetch_add(n as u64, Ordering::AcqRel);
                 self.shared.commits.fetch_add(1, Ordering::AcqRel);
@@ -657,6 +654,11 @@ impl Writer {
                 self.retry_at = None;
                 self.startup_commit = false;
                 self.shared.sink_ok.store(true, Ordering::Release);
+                for (item, seq) in items.into_iter().zip(seqs) {
+                    if let Some(tx) = item.waiter {
+                        let _ = tx.send(Ok(seq));
+                    }
+                }
                 if self.rotate_bytes > 0
                     && self.pos.is_some_and(|p| p.committed >= self.rotate_bytes)
                 {

@@ -31,3 +31,22 @@ pub fn is_form(req: &RequestHeader) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The body is about to be rewritten at its end: its length is no longer known, so the response
+/// goes out chunked.
+pub fn will_rewrite(resp: &mut ResponseHeader) {
+    resp.remove_header(&header::CONTENT_LENGTH);
+    let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+}
+
+/// Take a body chunk into `held`. Returns false, appending nothing, when `held` would grow past
+/// `max` bytes.
+pub fn hold(held: &mut Vec<u8>, chunk: &mut Option<bytes::Bytes>, max: usize) -> bool {
+    if let Some(c) = chunk.take() {
+        if held.len() + c.len() > max {
+            return false;
+        }
+        held.extend_from_slice(&c);
+    }
+    true
+}

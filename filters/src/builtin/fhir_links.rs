@@ -133,17 +133,6 @@ fn escaped_quote(body: &[u8], i: usize) -> bool {
     n % 2 == 1
 }
 
-fn is_json(resp: &ResponseHeader) -> bool {
-    resp.headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/fhir+json") || ct.starts_with("application/json")
-        })
-        .unwrap_or(false)
-}
-
 #[async_trait]
 impl Filter for FhirLinksFilter {
     fn kind(&self) -> &'static str {
@@ -174,14 +163,9 @@ impl Filter for FhirLinksFilter {
         }
         let status = resp.status.as_u16();
         let bodyless = status == 204 || status == 304 || ctx.method == "HEAD";
-        let encoded = resp
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .map(|v| v.as_bytes() != b"identity")
-            .unwrap_or(false);
-        if is_json(resp) && !bodyless && !encoded {
-            resp.remove_header(&header::CONTENT_LENGTH);
-            let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        let encoded = crate::builtin::body::is_encoded(resp);
+        if crate::builtin::body::is_json(resp) && !bodyless && !encoded {
+            crate::builtin::body::will_rewrite(resp);
             if let Some(b) = ctx.facts.get_mut::<LinkRewriteBuffer>("fhir_links") {
                 // The hooks ran before on this request (an error reply after a response).
                 b.active = true;
@@ -216,16 +200,13 @@ impl Filter for FhirLinksFilter {
         if !buf.active {
             return Ok(());
         }
-        if let Some(c) = chunk.take() {
-            if buf.body.len() + c.len() > self.max {
-                buf.active = false;
-                buf.body = Vec::new();
-                return Err(FilterError {
-                    filter: "fhir_links",
-                    message: "response body over max_body_bytes; exchange aborted".into(),
-                });
-            }
-            buf.body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut buf.body, chunk, self.max) {
+            buf.active = false;
+            buf.body = Vec::new();
+            return Err(FilterError {
+                filter: "fhir_links",
+                message: "response body over max_body_bytes; exchange aborted".into(),
+            });
         }
         if end_of_stream {
             let body = std::mem::take(&mut buf.body);

@@ -200,8 +200,7 @@ impl Filter for FhirMaskFilter {
             }
             resp.remove_header(&header::CONTENT_ENCODING);
         }
-        resp.remove_header(&header::CONTENT_LENGTH);
-        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        crate::builtin::body::will_rewrite(resp);
         ctx.facts
             .insert(
                 "fhir_mask",
@@ -230,12 +229,9 @@ impl Filter for FhirMaskFilter {
         let Some(masker) = buf.masker.clone() else {
             return Ok(());
         };
-        if let Some(c) = chunk.take() {
-            if buf.body.len() + c.len() > self.max {
-                buf.masker = None;
-                return Err(abort("the body is over max_body_bytes"));
-            }
-            buf.body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut buf.body, chunk, self.max) {
+            buf.masker = None;
+            return Err(abort("the body is over max_body_bytes"));
         }
         if end_of_stream {
             let mut body = std::mem::take(&mut buf.body);

@@ -397,11 +397,8 @@ impl Filter for PatientCompartmentFilter {
             return Ok(Decision::Continue);
         }
         // Hold the body until it is judged.
-        if let Some(c) = chunk.take() {
-            if st.request_body.len() + c.len() > self.max {
-                return Err(too_big());
-            }
-            st.request_body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut st.request_body, chunk, self.max) {
+            return Err(too_big());
         }
         if !end_of_stream {
             return Ok(Decision::Continue);
@@ -522,8 +519,7 @@ impl Filter for PatientCompartmentFilter {
                 message: "a response that cannot be checked for the compartment".into(),
             });
         }
-        resp.remove_header(&header::CONTENT_LENGTH);
-        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        crate::builtin::body::will_rewrite(resp);
         Ok(())
     }
 
@@ -539,11 +535,8 @@ impl Filter for PatientCompartmentFilter {
         if !st.check_response {
             return Ok(());
         }
-        if let Some(c) = chunk.take() {
-            if st.response_body.len() + c.len() > self.max {
-                return Err(too_big());
-            }
-            st.response_body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut st.response_body, chunk, self.max) {
+            return Err(too_big());
         }
         if end_of_stream {
             let body = std::mem::take(&mut st.response_body);

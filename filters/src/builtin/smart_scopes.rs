@@ -289,8 +289,7 @@ impl Filter for SmartScopesFilter {
                 message: "a response under a restricted scope that cannot be checked".into(),
             });
         }
-        resp.remove_header(&header::CONTENT_LENGTH);
-        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        crate::builtin::body::will_rewrite(resp);
         match ctx.facts.get_mut::<ScopeResponseBuffer>("smart_scopes") {
             Some(b) => {
                 b.active = true;
@@ -325,15 +324,12 @@ impl Filter for SmartScopesFilter {
         if !buf.active {
             return Ok(());
         }
-        if let Some(c) = chunk.take() {
-            if buf.body.len() + c.len() > MAX_BUNDLE_BYTES {
-                buf.active = false;
-                return Err(crate::FilterError {
-                    filter: "smart_scopes",
-                    message: "a restricted response too large to check; exchange aborted".into(),
-                });
-            }
-            buf.body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut buf.body, chunk, MAX_BUNDLE_BYTES) {
+            buf.active = false;
+            return Err(crate::FilterError {
+                filter: "smart_scopes",
+                message: "a restricted response too large to check; exchange aborted".into(),
+            });
         }
         if !end_of_stream {
             return Ok(());
@@ -393,15 +389,12 @@ impl Filter for SmartScopesFilter {
         let Some(buf) = ctx.facts.get_mut::<ScopeBundleBuffer>("smart_scopes") else {
             return Ok(Decision::Continue);
         };
-        if let Some(c) = chunk.take() {
-            if buf.body.len() + c.len() > MAX_BUNDLE_BYTES {
-                return Ok(Decision::Respond(LocalReply::error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the Bundle is too large to be authorised",
-                )));
-            }
-            buf.body.extend_from_slice(&c);
+        if !crate::builtin::body::hold(&mut buf.body, chunk, MAX_BUNDLE_BYTES) {
+            return Ok(Decision::Respond(LocalReply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the Bundle is too large to be authorised",
+            )));
         }
         if !end_of_stream {
             return Ok(Decision::Continue);

@@ -2,6 +2,7 @@
 //! internal route can never be matched on the public listener, whatever the path or Host.
 
 use caregate_filters::Filter;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A route, built and immutable.
@@ -75,10 +76,16 @@ pub enum RouteMatch<'a> {
     NotFound,
 }
 
-/// The routes of one listener, longest prefix first.
+/// The routes of one listener, longest prefix first, indexed by host: a lookup scans only the
+/// routes that name the request's host and the host-less ones, so a thousand routes spread over a
+/// hundred hospitals cost what ten do.
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Lower-case host -> indexes (in table order) of the routes naming it and of host-less routes.
+    by_host: HashMap<String, Vec<usize>>,
+    /// Indexes of the host-less routes: the candidates for a host no route names.
+    hostless: Vec<usize>,
 }
 
 impl RouteTable {
@@ -91,7 +98,28 @@ impl RouteTable {
                 .cmp(&a.path_prefix.len())
                 .then_with(|| a.hosts.is_empty().cmp(&b.hosts.is_empty()))
         });
-        RouteTable { routes }
+        let hostless: Vec<usize> = (0..routes.len())
+            .filter(|&i| routes[i].hosts.is_empty())
+            .collect();
+        let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            for h in &r.hosts {
+                let list = by_host.entry(h.to_ascii_lowercase()).or_default();
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        for list in by_host.values_mut() {
+            list.extend_from_slice(&hostless);
+            list.sort_unstable();
+            list.dedup();
+        }
+        RouteTable {
+            routes,
+            by_host,
+            hostless,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -109,9 +137,17 @@ impl RouteTable {
     /// method) are considered, never a shorter or looser route — otherwise a `DELETE` refused
     /// by a strict route would slip through to a permissive parent route.
     pub fn lookup(&self, host: Option<&str>, path: &str, method: &str) -> RouteMatch<'_> {
-        let mut candidates = self
-            .routes
+        let indexes = match host {
+            Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.by_host.get(&h.to_ascii_lowercase())
+            }
+            Some(h) => self.by_host.get(h),
+            None => None,
+        }
+        .unwrap_or(&self.hostless);
+        let mut candidates = indexes
             .iter()
+            .map(|&i| &self.routes[i])
             .filter(|r| r.host_matches(host) && r.path_matches(path));
         let Some(first) = candidates.next() else {
             return RouteMatch::NotFound;
@@ -222,6 +258,79 @@ mod tests {
         let t2 = RouteTable::new(vec![route("fhir", &[], "/fhir", &["GET"])]);
         assert_eq!(found(&t2, None, "/fhir", "DELETE").as_deref(), Some("405"));
         assert_eq!(found(&t2, None, "/other", "GET"), None);
+    }
+
+    /// The host index answers exactly what a scan of every route in table order answers.
+    #[test]
+    fn host_index_agrees_with_a_full_scan() {
+        let mut routes = vec![];
+        let prefixes = ["/", "/fhir", "/fhir/admin", "/svc1", "/billing"];
+        let methods: [&[&str]; 3] = [&[], &["GET"], &["POST", "PUT"]];
+        for i in 0..300 {
+            let hosts: Vec<String> = match i % 4 {
+                0 => vec![],
+                1 => vec![format!("h{}.example.org", i % 30)],
+                2 => vec![format!("H{}.Example.org", i % 30), "shared.example".into()],
+                _ => vec![format!("h{}.example.org", (i + 7) % 30)],
+            };
+            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            routes.push(route(
+                &format!("r{i}"),
+                &hosts,
+                prefixes[i % prefixes.len()],
+                methods[i % methods.len()],
+            ));
+        }
+        let t = RouteTable::new(routes);
+        let scan = |host: Option<&str>, path: &str, method: &str| -> Option<String> {
+            let mut c = t
+                .routes
+                .iter()
+                .filter(|r| r.host_matches(host) && r.path_matches(path));
+            let first = c.next()?;
+            if first.method_matches(method) {
+                return Some(first.name.to_string());
+            }
+            for r in c {
+                if r.path_prefix != first.path_prefix || r.hosts != first.hosts {
+                    break;
+                }
+                if r.method_matches(method) {
+                    return Some(r.name.to_string());
+                }
+            }
+            Some("405".into())
+        };
+        let mut checked = 0;
+        for h in (0..32).map(|i| Some(format!("h{i}.example.org"))).chain([
+            None,
+            Some("shared.example".into()),
+            Some("nowhere".into()),
+        ]) {
+            for path in [
+                "/",
+                "/fhir/Patient/1",
+                "/fhir/admin/x",
+                "/svc1/a",
+                "/billing",
+                "/x",
+            ] {
+                for m in ["GET", "POST", "DELETE"] {
+                    assert_eq!(
+                        found(&t, h.as_deref(), path, m),
+                        scan(h.as_deref(), path, m),
+                        "{h:?} {path} {m}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 35 * 6 * 3);
+        // Upper case in a request host finds the same routes as lower case.
+        assert_eq!(
+            found(&t, Some("H3.EXAMPLE.ORG"), "/fhir/Patient/1", "GET"),
+            found(&t, Some("h3.example.org"), "/fhir/Patient/1", "GET")
+        );
     }
 
     #[test]

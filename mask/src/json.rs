@@ -57,6 +57,16 @@ impl Member {
     pub fn key<'a>(&self, input: &'a [u8]) -> Cow<'a, str> {
         string_content(input, self.key_start, self.key_end, self.key_escaped)
     }
+
+    /// Whether the decoded key is `name`: a byte comparison unless the key holds an escape
+    /// (this runs for every member of every object while looking for resources, so it must
+    /// not decode or re-validate the key).
+    pub fn key_is(&self, input: &[u8], name: &str) -> bool {
+        if self.key_escaped {
+            return self.key(input) == name;
+        }
+        input.get(self.key_start + 1..self.key_end.saturating_sub(1)) == Some(name.as_bytes())
+    }
 }
 
 impl Node {
@@ -471,6 +481,18 @@ mod tests {
             .map(|m| m.key(input).into_owned())
             .collect();
         assert_eq!(keys, ["telecom", "x\u{1F600}"]);
+        // key_is compares the decoded key, escaped or not.
+        let members = root.members().expect("object");
+        assert!(members[0].key_is(input, "telecom"));
+        assert!(!members[0].key_is(input, "tele\\u0063om"));
+        assert!(members[1].key_is(input, "x\u{1F600}"));
+        assert!(!members[1].key_is(input, "x"));
+        let plain = br#"{"resourceType":"Patient","resourceTypes":1}"#;
+        let root = parse(plain).expect("parses");
+        let members = root.members().expect("object");
+        assert!(members[0].key_is(plain, "resourceType"));
+        assert!(!members[1].key_is(plain, "resourceType"));
+        assert!(!members[0].key_is(plain, "resourceTyp"));
         assert_eq!(
             char_starts(br"a\u00e9\ud83d\ude00\n\ud800x"),
             vec![0, 1, 7, 19, 21, 27]

@@ -42,7 +42,7 @@ pub(crate) fn resource_type<'a>(input: &'a [u8], members: &[Member]) -> Option<C
     members
         .iter()
         .rev()
-        .find(|m| m.key(input) == "resourceType")
+        .find(|m| m.key_is(input, "resourceType"))
         .and_then(|m| m.value.as_str(input))
 }
 
@@ -171,7 +171,7 @@ impl<'m, 'a> Walker<'m, 'a> {
             // No rule reaches into these members: look for nested resources
             // (and redact, if inside a redacted element).
             for m in members {
-                let contained = resource_root && m.key(input) == "contained";
+                let contained = resource_root && m.key_is(input, "contained");
                 self.value(&m.value, None, redact, contained);
             }
             return;
@@ -189,7 +189,7 @@ impl<'m, 'a> Walker<'m, 'a> {
                 let rule = if d.sibling { None } else { d.rule };
                 let redact =
                     redact || rule.and_then(|r| r.action.as_ref()) == Some(&MaskAction::Redact);
-                let contained = resource_root && m.key(input) == "contained";
+                let contained = resource_root && m.key_is(input, "contained");
                 self.value(&m.value, rule, redact, contained);
                 did_change = self.ctx_edits > before;
             }
@@ -281,7 +281,7 @@ impl<'m, 'a> Walker<'m, 'a> {
             let field = |name: &str| {
                 ms.iter()
                     .rev()
-                    .find(|m| m.key(input) == name)
+                    .find(|m| m.key_is(input, name))
                     .and_then(|m| m.value.as_str(input))
             };
             field("system").as_deref() == Some(LABEL_SYSTEM)
@@ -296,7 +296,7 @@ impl<'m, 'a> Walker<'m, 'a> {
         let meta = members
             .iter()
             .rev()
-            .find(|m| m.key(input) == "meta" && kept_by(input, t)(m));
+            .find(|m| m.key_is(input, "meta") && kept_by(input, t)(m));
         let Some(meta) = meta else {
             self.append_member(
                 obj,
@@ -318,7 +318,7 @@ impl<'m, 'a> Walker<'m, 'a> {
         let security = meta_members
             .iter()
             .rev()
-            .find(|m| m.key(input) == "security" && kept_by(input, tm)(m));
+            .find(|m| m.key_is(input, "security") && kept_by(input, tm)(m));
         let Some(security) = security else {
             self.append_member(
                 &meta.value,

@@ -17,15 +17,18 @@ const MAC_PREFIX: &[u8] = b",\"mac\":\"";
 const ANCHOR_DOMAIN: &[u8] = b"caregate-audit-anchor\n";
 
 /// A keyed HMAC-SHA256 of `prev` (ASCII hex, possibly empty) followed by `body`.
+/// Computed with aws-lc (assembly SHA-256: this runs for every record the writer commits);
+/// [`mac_matches`] checks with the portable `hmac` crate, so the two implementations check
+/// each other in every test that writes and verifies a chain.
 pub(crate) fn line_mac(key: &[u8], prev: &str, body: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for HMAC.
-    let mut mac = match HmacSha256::new_from_slice(key) {
-        Ok(m) => m,
-        Err(_) => return [0; 32],
-    };
-    mac.update(prev.as_bytes());
-    mac.update(body);
-    mac.finalize().into_bytes().into()
+    use aws_lc_rs::hmac;
+    let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
+    ctx.update(prev.as_bytes());
+    ctx.update(body);
+    let tag = ctx.sign();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 fn mac_matches(key: &[u8], prev: &str, body: &[u8], expected: &[u8]) -> bool {
@@ -49,7 +52,7 @@ pub(crate) enum LineKind {
 /// The body is `{"seq":N,"prev":"<hex>","<member>":<payload>}` — exactly what serde_json
 /// writes for that object — and the line is the body with `,"mac":"<hex>"` inserted before the
 /// closing brace. `payload` must be compact JSON (as serde_json writes it).
-pub(crate) fn build_line(
+pub fn build_line(
     key: &[u8],
     seq: u64,
     prev: &str,
@@ -333,6 +336,28 @@ pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn line_mac_is_hmac_sha256_and_agrees_with_the_checker() {
+        // RFC 4231, test case 2 (the data split between `prev` and `body`).
+        let mac = line_mac(b"Jefe", "what do ya want ", b"for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(mac_matches(
+            b"Jefe",
+            "what do ya want ",
+            b"for nothing?",
+            &mac
+        ));
+        assert!(!mac_matches(
+            b"Jefe",
+            "what do ya want",
+            b" for nothing?!",
+            &mac
+        ));
+    }
 
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 

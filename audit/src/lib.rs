@@ -121,7 +121,7 @@ mod record;
 mod sink;
 mod verify;
 
-pub use chain::{anchor_path, Anchor};
+pub use chain::{anchor_path, build_line, Anchor};
 pub use config::{AuditConfig, AuditFormat, FsyncPolicy, MIN_HMAC_KEY_BYTES};
 pub use record::{
     format_rfc3339_millis, now_rfc3339, Action, Actor, AuditRecord, Outcome, Phase, Upstream,

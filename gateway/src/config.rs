@@ -66,6 +66,11 @@ pub struct ServerSettings {
     /// Bound on the request header section size the gateway forwards (431 beyond it).
     #[serde(default = "default_max_header_bytes")]
     pub max_request_header_bytes: usize,
+    /// Read buffer of each downstream connection's socket. Pingora's default is 64 KiB per
+    /// connection, which an idle keep-alive connection holds for its whole life; reads larger
+    /// than the buffer bypass it, so a small one costs no throughput.
+    #[serde(default = "default_read_buffer")]
+    pub downstream_read_buffer_bytes: usize,
 }
 
 impl Default for ServerSettings {
@@ -77,6 +82,7 @@ impl Default for ServerSettings {
             trusted_proxies: Vec::new(),
             downstream_keepalive_seconds: default_keepalive(),
             max_request_header_bytes: default_max_header_bytes(),
+            downstream_read_buffer_bytes: default_read_buffer(),
         }
     }
 }
@@ -95,6 +101,9 @@ fn default_keepalive() -> u64 {
 }
 fn default_max_header_bytes() -> usize {
     32 * 1024
+}
+fn default_read_buffer() -> usize {
+    4096
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -674,10 +674,13 @@ fn count_decision(
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context inside each connection's task, whose whole size is
+    /// allocated when a connection is accepted, so an inline context would cost every idle
+    /// keep-alive connection its size again (see benches/RESULTS.md, memory).
+    type CTX = Box<Ctx>;
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx {
             req: RequestCtx::new(self.listener.clone(), self.channel),
             route: None,
             filters_ran: 0,
@@ -696,10 +699,10 @@ impl ProxyHttp for Gateway {
             audited_access: false,
             error_reason: None,
             upstream_ms: None,
-        }
+        })
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Box<Ctx>) -> Result<()> {
         // Bound idle keep-alive, but never re-enable a connection Pingora has already marked
         // for closing (ambiguous framing, `Connection: close`).
         if self.keepalive_seconds > 0 && session.get_keepalive().is_some() {
@@ -708,7 +711,7 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         if let Some(reply) = self.prepare(session, ctx) {
             self.send_reply(session, ctx, reply).await?;
             return Ok(true);
@@ -800,7 +803,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
@@ -833,7 +836,11 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Box<HttpPeer>> {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route");
         };
@@ -884,7 +891,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let Some((zone, addr)) = ctx.current.take() else {
@@ -911,7 +918,7 @@ impl ProxyHttp for Gateway {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -967,7 +974,7 @@ impl ProxyHttp for Gateway {
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         ctx.connected_at = Some(Instant::now());
         Ok(())
@@ -977,7 +984,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
@@ -1039,7 +1046,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         _upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
             if let Some(pool) = self.pools.get(p) {
@@ -1058,7 +1065,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         self.run_response_hooks(upstream_response, ctx)?;
         set_request_id(upstream_response, &ctx.req.request_id);
@@ -1070,7 +1077,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<Option<Duration>> {
         if let Some(route) = ctx.route.clone() {
             for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
@@ -1089,7 +1096,12 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Box<Ctx>,
+    ) -> FailToProxy {
         let reply = self.reply_for_error(e, ctx);
         let code = match reply {
             Some(reply) => {
@@ -1113,7 +1125,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+    fn request_summary(&self, session: &Session, ctx: &Box<Ctx>) -> String {
         // Never the path or query: they can carry patient identifiers.
         format!(
             "{} listener={} route={} request_id={}",
@@ -1124,7 +1136,7 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Box<Ctx>) {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

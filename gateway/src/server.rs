@@ -10,6 +10,7 @@ use crate::upstream::{build_pools, HealthService, Readiness};
 use caregate_sandbox::Sandbox;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::{background_service, Opt};
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
@@ -276,14 +277,12 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             otlp: otlp.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
-        let addr = l.listen.to_string();
-        match &l.tls {
-            Some(t) => {
-                let tls = tls_settings(&loaded, t, &format!("listener {}", l.name))?;
-                svc.add_tls_with_settings(&addr, None, tls);
-            }
-            None => svc.add_tcp(&addr),
+        let mut endpoint = ListenerConfig::tcp(l.listen.to_string())
+            .l4_buffer(L4BufferSettings::default().read(cfg.server.downstream_read_buffer_bytes));
+        if let Some(t) = &l.tls {
+            endpoint = endpoint.tls(tls_settings(&loaded, t, &format!("listener {}", l.name))?);
         }
+        svc.add_listener(endpoint);
         server.add_service(svc);
     }
 

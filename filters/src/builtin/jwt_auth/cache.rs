@@ -5,16 +5,16 @@
 //! its issuer's key set are flushed.
 
 use crate::identity::Principal;
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 pub type TokenHash = [u8; 32];
 
 pub fn hash_token(token: &str) -> TokenHash {
-    let mut h = Sha256::new();
-    h.update(token.as_bytes());
-    h.finalize().into()
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +171,19 @@ impl TokenCache {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn token_hash_is_sha256() {
+        // FIPS 180-2 test vector.
+        assert_eq!(
+            hash_token("abc")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
     use crate::identity::AuthMethod;
 
     fn p(sub: &str) -> Principal {

@@ -15,7 +15,7 @@ pub const MIN_HMAC_KEY_BYTES: usize = 32;
 ///   hmac_key: ${CAREGATE_AUDIT_KEY}   # at least 32 bytes
 ///   format: json                      # json | fhir_audit_event
 ///   fsync: always                     # always | batch | never
-///   batch_max_delay_ms: 5             # only for fsync: batch
+///   batch_max_delay_ms: 5             # group-commit wait (see the field)
 ///   queue_capacity: 10000
 ///   checkpoint_every_records: 1000
 ///   checkpoint_interval_ms: 1000
@@ -37,8 +37,10 @@ pub struct AuditConfig {
     /// When a group commit counts as durable.
     #[serde(default)]
     pub fsync: FsyncPolicy,
-    /// `fsync: batch` only: how long the writer waits after the first queued record to collect
-    /// a larger group before writing and syncing it.
+    /// How long the writer waits after the first queued record to collect a larger group
+    /// before writing and syncing it: for every record with `fsync: batch`; with `always` and
+    /// `never` only while the queue holds nothing but records nobody waits for (completion and
+    /// denial records), which then ride along with the next access record's commit.
     #[serde(default = "default_batch_max_delay_ms")]
     pub batch_max_delay_ms: u64,
     /// Records queued or in flight (including records kept for retry after a failed write)

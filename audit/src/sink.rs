@@ -53,8 +53,11 @@ struct Item {
 
 struct QueueState {
     queue: VecDeque<Item>,
-    /// When the queue last went from empty to non-empty (for `fsync: batch`).
+    /// When the queue last went from empty to non-empty (for `fsync: batch`, and for queues
+    /// holding only records nobody waits for).
     first_enqueued: Option<Instant>,
+    /// Queued records whose caller waits for their commit (`append_durable`).
+    waiting: usize,
     closed: bool,
 }
 
@@ -179,6 +182,7 @@ impl AuditSink {
             state: Mutex::new(QueueState {
                 queue: VecDeque::new(),
                 first_enqueued: None,
+                waiting: 0,
                 closed: false,
             }),
             wake: Condvar::new(),
@@ -314,10 +318,20 @@ impl AuditSink {
                 return Err(AuditError::QueueFull);
             }
             self.shared.depth.fetch_add(1, Ordering::AcqRel);
-            if st.queue.is_empty() {
+            let first = st.queue.is_empty();
+            if first {
                 st.first_enqueued = Some(Instant::now());
             }
+            let durable = waiter.is_some();
+            if durable {
+                st.waiting += 1;
+            }
             st.queue.push_back(Item { payload, waiter });
+            // The writer already knows about a non-empty queue (it is committing, or waiting
+            // with a deadline from `first_enqueued`); wake it only when that changes.
+            if !(first || durable || st.queue.len() >= BATCH_FLUSH_LEN) {
+                return Ok(());
+            }
         }
         self.shared.wake.notify_one();
         Ok(())
@@ -588,7 +602,13 @@ impl Writer {
             let now = Instant::now();
             let mut deadline: Option<Instant> = None;
             if !st.queue.is_empty() {
-                if self.fsync != FsyncPolicy::Batch || st.queue.len() >= BATCH_FLUSH_LEN {
+                // A record someone waits for is committed at once (unless `fsync: batch`);
+                // records nobody waits for (completion and denial records) wait up to
+                // `batch_max_delay_ms` for company, so under load they ride along with the
+                // next durable record's group commit instead of costing a write and an fsync
+                // each.
+                let lazy = self.fsync == FsyncPolicy::Batch || st.waiting == 0;
+                if !lazy || st.queue.len() >= BATCH_FLUSH_LEN {
                     break;
                 }
                 let d = st.first_enqueued.unwrap_or(now) + self.batch_delay;
@@ -628,6 +648,7 @@ impl Writer {
         }
         let batch: Vec<Item> = st.queue.drain(..).collect();
         st.first_enqueued = None;
+        st.waiting = 0;
         (batch, st.closed)
     }
 

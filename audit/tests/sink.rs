@@ -48,6 +48,46 @@ fn config_is_strict_and_checks_the_key() {
     );
 }
 
+/// With `fsync: always`, records nobody waits for (completions, denials) wait for company:
+/// they share the next durable record's write and fsync, and alone are written within
+/// `batch_max_delay_ms`.
+#[test]
+fn records_nobody_waits_for_ride_along_with_the_next_durable_one() {
+    let dir = TempDir::new("ride-along");
+    let path = dir.path().join("audit.jsonl");
+    let mut cfg = config(&path);
+    cfg.fsync = FsyncPolicy::Always;
+    cfg.batch_max_delay_ms = 10_000;
+    let sink = AuditSink::start(&cfg).unwrap();
+    let rt = runtime();
+    let before = sink.group_commits();
+    for i in 0..3 {
+        sink.append(record(i)).unwrap();
+    }
+    assert_eq!(rt.block_on(sink.append_durable(record(3))).unwrap(), 4);
+    assert_eq!(sink.records_written(), 4);
+    assert_eq!(
+        sink.group_commits() - before,
+        1,
+        "three completions and one access record in one commit"
+    );
+    sink.shutdown();
+
+    // Alone, a record nobody waits for is written after the delay, not never.
+    let path = dir.path().join("alone.jsonl");
+    let mut cfg = config(&path);
+    cfg.batch_max_delay_ms = 50;
+    let sink = AuditSink::start(&cfg).unwrap();
+    sink.append(record(7)).unwrap();
+    let t = std::time::Instant::now();
+    while sink.records_written() < 1 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "never written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(!lines(&path).is_empty());
+    sink.shutdown();
+}
+
 #[test]
 fn group_commit_wakes_every_waiter() {
     let dir = TempDir::new("group");

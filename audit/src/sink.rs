@@ -595,6 +595,7 @@ impl Writer {
     fn wait_for_work(&mut self) -> (Vec<Item>, bool) {
         let shared = self.shared.clone();
         let mut st = shared.lock();
+        let mut yielded = false;
         loop {
             if st.closed {
                 break;
@@ -608,6 +609,17 @@ impl Writer {
                 // next durable record's group commit instead of costing a write and an fsync
                 // each.
                 let lazy = self.fsync == FsyncPolicy::Batch || st.waiting == 0;
+                if !lazy && !yielded && st.queue.len() < BATCH_FLUSH_LEN {
+                    // Once per commit, let the threads that produce records run first: where
+                    // they share this core, the records they have ready join this group
+                    // instead of each paying a write and an fsync of its own. Where they do
+                    // not, this returns at once.
+                    yielded = true;
+                    drop(st);
+                    std::thread::yield_now();
+                    st = shared.lock();
+                    continue;
+                }
                 if !lazy || st.queue.len() >= BATCH_FLUSH_LEN {
                     break;
                 }

@@ -81,7 +81,10 @@ fn records_nobody_waits_for_ride_along_with_the_next_durable_one() {
     sink.append(record(7)).unwrap();
     let t = std::time::Instant::now();
     while sink.records_written() < 1 {
-        assert!(t.elapsed() < std::time::Duration::from_secs(10), "never written");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "never written"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert!(!lines(&path).is_empty());

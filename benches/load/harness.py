@@ -254,7 +254,7 @@ backend be
 
 def caregate_conf(d, name, port, admin, origin, kind, routes=10, tenants=1, cache_entries=100000, audit=True):
     head = f"""
-server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, downstream_keepalive_seconds: 300 }}
+server: {{ threads: 1, work_stealing: false, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, downstream_keepalive_seconds: 300 }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 access_log: {{ enabled: false }}
 listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{port}" }} ]

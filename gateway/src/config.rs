@@ -71,6 +71,11 @@ pub struct ServerSettings {
     /// than the buffer bypass it, so a small one costs no throughput.
     #[serde(default = "default_read_buffer")]
     pub downstream_read_buffer_bytes: usize,
+    /// Let a listener's worker threads steal each other's tasks (one multi-threaded runtime per
+    /// listener). `false` gives each thread its own single-threaded runtime, as nginx workers
+    /// are: cheaper per request, but a busy connection cannot move to an idle thread.
+    #[serde(default = "default_work_stealing")]
+    pub work_stealing: bool,
 }
 
 impl Default for ServerSettings {
@@ -83,6 +88,7 @@ impl Default for ServerSettings {
             downstream_keepalive_seconds: default_keepalive(),
             max_request_header_bytes: default_max_header_bytes(),
             downstream_read_buffer_bytes: default_read_buffer(),
+            work_stealing: default_work_stealing(),
         }
     }
 }
@@ -104,6 +110,9 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_read_buffer() -> usize {
     4096
+}
+fn default_work_stealing() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

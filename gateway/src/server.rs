@@ -135,6 +135,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     let conf = ServerConf {
         version: 1,
         threads: cfg.server.threads,
+        work_stealing: cfg.server.work_stealing,
         grace_period_seconds: Some(cfg.server.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(cfg.server.graceful_shutdown_timeout_seconds),
         max_retries: cfg

@@ -466,7 +466,10 @@ def main():
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (closed loop)")
     ap.add_argument("--idle", type=int, help="idle keep-alive connections for the memory test")
     ap.add_argument("--latency", choices=["auto", "on", "off"], default="auto", help="open-loop latency with oha (auto: when oha is installed and not --quick)")
-    ap.add_argument("--caregate", default=str(ROOT / "target" / "release" / "caregate"))
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    if not target.is_absolute():
+        target = ROOT / target
+    ap.add_argument("--caregate", default=str(target / "release" / "caregate"), help="the caregate binary (default: the release build in the cargo target dir)")
     ap.add_argument("--out", help="write the raw results as JSON here")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)

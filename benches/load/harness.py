@@ -152,48 +152,44 @@ class Sut:
 # ---------------------------------------------------------------- configs
 
 
-def nginx_origin_conf(d, port):
+def nginx_conf(d, name, connections, http):
+    """One nginx worker, no access log, long keep-alive both ways; `http` goes inside `http {}`."""
     return f"""
 worker_processes 1;
 daemon off;
-pid {d}/origin.pid;
-error_log {d}/origin-error.log warn;
-events {{ worker_connections 4096; }}
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log warn;
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
-  client_body_temp_path {d}/origin-tmp;
+  client_body_temp_path {d}/{name}-tmp;
+  keepalive_timeout 300s;
+  keepalive_requests 100000000;
+{http}
+}}
+"""
+
+
+def nginx_origin_conf(d, port):
+    return nginx_conf(d, "origin", 4096, f"""
   types {{ }}
   default_type application/fhir+json;
   sendfile on;
   etag off;
-  keepalive_timeout 300s;
-  keepalive_requests 100000000;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     root {d}/www;
     location = /healthz {{ default_type text/plain; return 200 "ok\\n"; }}
     location /fhir/Patient/ {{ try_files /patient.json =404; }}
     location /fhir/Observation {{ try_files /searchset-70k.json =404; }}
-  }}
-}}
-"""
+  }}""")
 
 
 def nginx_sut_conf(d, port, origin):
     # A plain reverse proxy, configured as its guides say for keep-alive to the upstream; response
     # buffering on (nginx's default) with buffers big enough that a 70 KB body never goes to disk.
-    return f"""
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 16000; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/nginx-tmp;
+    return nginx_conf(d, "nginx", 16000, f"""
   proxy_temp_path {d}/nginx-tmp;
-  keepalive_timeout 300s;
-  keepalive_requests 100000000;
   proxy_buffer_size 16k;
   proxy_buffers 16 16k;
   upstream origin {{
@@ -208,9 +204,7 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
     }}
-  }}
-}}
-"""
+  }}""")
 
 
 def haproxy_conf(port, origin, pub_pem=None):

@@ -153,6 +153,28 @@ pub struct RequestCtx {
     /// The upstream attempt (1 for the first; retries count up). A retry replays the request
     /// body through the body hooks, so per-body state must be keyed by it.
     pub attempt: u32,
+    whole_exchange: bool,
+    preread: Option<PreRead>,
+    response_refusal: Option<crate::LocalReply>,
+}
+
+/// A read of the stored resource a request is about to change, asked for by one filter
+/// ([`RequestCtx::request_preread`]); its answer goes to every filter's
+/// [`crate::Filter::preread_filter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreRead {
+    pub writer: &'static str,
+    /// The FHIR path below the route prefix, e.g. `/Observation/123`.
+    pub path: String,
+}
+
+/// The answer to a [`PreRead`].
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub status: u16,
+    pub etag: Option<String>,
+    /// The body (bounded by the gateway's exchange cap), decoded as sent.
+    pub body: bytes::Bytes,
 }
 
 impl RequestCtx {
@@ -171,7 +193,58 @@ impl RequestCtx {
             decisions: Vec::new(),
             started: Instant::now(),
             attempt: 0,
+            whole_exchange: false,
+            preread: None,
+            response_refusal: None,
         }
+    }
+
+    /// Ask the gateway to run this request as a whole exchange: it reads the whole request body
+    /// and runs the body hooks on it before anything is forwarded, and reads the whole response
+    /// and runs the response hooks on it before anything is released. A response hook that fails
+    /// then turns into a clean error reply ([`RequestCtx::refuse_response`]) instead of an aborted
+    /// connection. Bodies are bounded by the gateway's `server.max_exchange_body_bytes`.
+    pub fn require_whole_exchange(&mut self) {
+        self.whole_exchange = true;
+    }
+
+    /// Whether a filter asked for a whole exchange.
+    pub fn whole_exchange(&self) -> bool {
+        self.whole_exchange
+    }
+
+    /// Ask the gateway to read `path` (below the route prefix) from the same upstream before the
+    /// request itself goes there, e.g. the stored resource an update would replace. Implies a
+    /// whole exchange. One pre-read per request: a second one is refused.
+    pub fn request_preread(&mut self, writer: &'static str, path: String) -> Result<(), FactError> {
+        if let Some(p) = &self.preread {
+            return Err(FactError {
+                fact: "preread",
+                first_writer: p.writer,
+                second_writer: writer,
+            });
+        }
+        self.whole_exchange = true;
+        self.preread = Some(PreRead { writer, path });
+        Ok(())
+    }
+
+    /// The pre-read asked for, if any.
+    pub fn preread(&self) -> Option<&PreRead> {
+        self.preread.as_ref()
+    }
+
+    /// A response hook that refuses the response sets the reply the client gets when nothing has
+    /// been released yet (a whole exchange), then returns its error. The first refusal wins.
+    pub fn refuse_response(&mut self, reply: crate::LocalReply) {
+        if self.response_refusal.is_none() {
+            self.response_refusal = Some(reply);
+        }
+    }
+
+    /// The refusal set by a response hook, if any (taken by the gateway).
+    pub fn take_response_refusal(&mut self) -> Option<crate::LocalReply> {
+        self.response_refusal.take()
     }
 
     /// A context for unit tests of filters.

@@ -4,12 +4,21 @@
 //!
 //! ```text
 //! request_filter        (route order; the first Decision::Respond ends the phase)
-//! request_body_filter   (route order, per body chunk, once an upstream is connected)
+//! preread_filter        (route order; only when a filter asked for a pre-read)
+//! request_body_filter   (route order, per body chunk, once an upstream is connected;
+//!                        in a whole exchange: once, on the whole body, before anything is sent)
 //! upstream_request_filter (route order, on the copy of the request that goes upstream)
 //! response_filter       (REVERSE route order; also on local replies)
 //! response_body_filter  (REVERSE route order, per chunk)
 //! logging               (route order, always — after a local reply or an error too)
 //! ```
+//!
+//! By default bodies stream: once a response header went downstream, a response hook that fails
+//! can only abort the connection. A filter that must judge a whole body before anything is
+//! released asks for a whole exchange ([`RequestCtx::require_whole_exchange`]): the gateway then
+//! reads the whole request body, runs the body hooks on it once (`end_of_stream` true) before
+//! anything goes upstream, reads the whole response, runs the response hooks on it, and only then
+//! answers — a refusal becomes a clean error reply ([`RequestCtx::refuse_response`]).
 //!
 //! Filters never see Pingora's `Session` and never call each other: they read and write facts in
 //! [`RequestCtx`]. Every hook has a no-op default, so a filter implements only what it needs.
@@ -25,7 +34,7 @@ pub mod reply;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-pub use ctx::{Channel, FactError, Facts, RequestCtx};
+pub use ctx::{Channel, FactError, Facts, PreRead, RequestCtx, Stored};
 pub use pingora_http::{RequestHeader, ResponseHeader};
 pub use registry::{BuildContext, BuildError, FilterRegistry, FilterSpec};
 pub use reply::{LocalReply, ReplyBody};
@@ -128,6 +137,13 @@ pub trait Filter: Send + Sync + 'static {
         _end_of_stream: bool,
         _ctx: &mut RequestCtx,
     ) -> Result<Decision> {
+        Ok(Decision::Continue)
+    }
+
+    /// Runs on the answer to a pre-read ([`RequestCtx::request_preread`]), in route order, after
+    /// the whole request body was read and before the body hooks run on it. `Respond` answers
+    /// the client; nothing of the request went upstream.
+    fn preread_filter(&self, _stored: &Stored, _ctx: &mut RequestCtx) -> Result<Decision> {
         Ok(Decision::Continue)
     }
 

@@ -76,6 +76,11 @@ pub struct ServerSettings {
     /// are: cheaper per request, but a busy connection cannot move to an idle thread.
     #[serde(default = "default_work_stealing")]
     pub work_stealing: bool,
+    /// Bound on each body the gateway holds whole: the request and response bodies of a whole
+    /// exchange (asked for by filters that judge a body before anything is released, such as
+    /// the patient compartment's response check) and a pre-read of a stored resource.
+    #[serde(default = "default_max_exchange_body")]
+    pub max_exchange_body_bytes: usize,
 }
 
 impl Default for ServerSettings {
@@ -89,6 +94,7 @@ impl Default for ServerSettings {
             max_request_header_bytes: default_max_header_bytes(),
             downstream_read_buffer_bytes: default_read_buffer(),
             work_stealing: default_work_stealing(),
+            max_exchange_body_bytes: default_max_exchange_body(),
         }
     }
 }
@@ -113,6 +119,9 @@ fn default_read_buffer() -> usize {
 }
 fn default_work_stealing() -> bool {
     true
+}
+fn default_max_exchange_body() -> usize {
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -518,6 +527,9 @@ pub type BuiltFilters = (Vec<Vec<Arc<dyn Filter>>>, Vec<Vec<Arc<dyn Filter>>>);
 
 /// Check cross-references and values; build every route's and listener's filters.
 pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError> {
+    if c.server.max_exchange_body_bytes == 0 {
+        return err("server.max_exchange_body_bytes: must be positive");
+    }
     if c.server.threads == 0 {
         return err("server.threads: must be at least 1");
     }

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod errors;
+pub mod exchange;
 pub mod hygiene;
 pub mod metrics;
 pub mod otlp;

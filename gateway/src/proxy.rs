@@ -37,36 +37,40 @@ pub struct Gateway {
     pub access_log: Option<AccessLog>,
     pub audit: Option<Arc<caregate_audit::AuditSink>>,
     pub otlp: Option<Arc<crate::otlp::OtlpExporter>>,
+    /// The connector of whole exchanges and pre-reads (its own connection pool).
+    pub connector: Arc<pingora::connectors::http::Connector>,
+    /// `server.max_exchange_body_bytes`.
+    pub max_exchange_body: usize,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
 pub struct Ctx {
     pub req: RequestCtx,
-    route: Option<Arc<Route>>,
+    pub(crate) route: Option<Arc<Route>>,
     /// How many filters' request hooks ran (response hooks run for exactly those).
-    filters_ran: usize,
-    tried: Vec<SocketAddr>,
-    attempts: usize,
+    pub(crate) filters_ran: usize,
+    pub(crate) tried: Vec<SocketAddr>,
+    pub(crate) attempts: usize,
     /// The pool serving this request (the route's, or the tenant's own).
-    pool: Option<usize>,
+    pub(crate) pool: Option<usize>,
     /// The lowest-priority zone an attempt has gone to so far.
-    max_zone_tried: Option<usize>,
-    current: Option<(usize, SocketAddr)>,
-    connected_at: Option<Instant>,
+    pub(crate) max_zone_tried: Option<usize>,
+    pub(crate) current: Option<(usize, SocketAddr)>,
+    pub(crate) connected_at: Option<Instant>,
     /// A reply decided during the body phase or upstream selection, rendered by fail_to_proxy.
-    pending: Option<LocalReply>,
-    forwarded_for: String,
-    forwarded_proto: &'static str,
-    forwarded_host: Option<String>,
-    trace: Option<TraceContext>,
+    pub(crate) pending: Option<LocalReply>,
+    pub(crate) forwarded_for: String,
+    pub(crate) forwarded_proto: &'static str,
+    pub(crate) forwarded_host: Option<String>,
+    pub(crate) trace: Option<TraceContext>,
     /// The matched route carries PHI (known as soon as the route is).
-    phi: bool,
+    pub(crate) phi: bool,
     /// The durable access record was written (a completion record follows in logging).
-    audited_access: bool,
+    pub(crate) audited_access: bool,
     /// The reason code of a failed exchange (upstream error, timeout, ...).
-    error_reason: Option<&'static str>,
+    pub(crate) error_reason: Option<&'static str>,
     /// Time to the upstream response header, for the access log.
-    upstream_ms: Option<f64>,
+    pub(crate) upstream_ms: Option<f64>,
 }
 
 const BODY_LIMIT_FOR_CLOSE: u64 = 0;
@@ -128,7 +132,7 @@ impl Gateway {
 
     /// Write a local reply: the error contract's body, the reply's headers, the response hooks
     /// of the filters that ran, then header and body.
-    async fn send_reply(
+    pub(crate) async fn send_reply(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
@@ -184,7 +188,11 @@ impl Gateway {
         Ok(())
     }
 
-    fn run_response_hooks(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    pub(crate) fn run_response_hooks(
+        &self,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if let Some(route) = ctx.route.clone() {
             for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
                 .iter()
@@ -201,7 +209,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn record_gateway_denial(ctx: &mut Ctx, reason: &'static str) {
+    pub(crate) fn record_gateway_denial(ctx: &mut Ctx, reason: &'static str) {
         metrics::FILTER_DECISIONS
             .with_label_values(&["gateway", "deny", reason])
             .inc();
@@ -494,6 +502,119 @@ fn fhir_shape(method: &str, rest: &str) -> (Option<String>, Option<String>, Opti
 }
 
 impl Gateway {
+    /// The request as it goes upstream: the session's request as the filters left it, mapped
+    /// to the route's upstream prefix, with the verified identity, trace and forwarding headers,
+    /// then the filters' upstream request hooks.
+    pub(crate) async fn prepare_upstream_request(
+        &self,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        // What goes upstream is the session's request as the filters left it (re-checked), mapped
+        // to the route's upstream prefix: one source of truth for the target.
+        let path = hygiene::normalize_path(upstream_request.uri.path()).map_err(|_| {
+            Error::explain(ErrorType::InternalError, "a filter left an invalid path")
+        })?;
+        let path = route.upstream_path(&path);
+        let uri = match upstream_request.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let uri = http::Uri::try_from(uri.as_str())
+            .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
+        upstream_request.set_uri(uri);
+        set_identity_headers(upstream_request, &ctx.req)?;
+        if let Some(t) = &ctx.trace {
+            upstream_request.insert_header("traceparent", t.traceparent())?;
+            match &t.tracestate {
+                Some(ts) => {
+                    if let Ok(v) = HeaderValue::from_str(ts) {
+                        upstream_request.insert_header("tracestate", v)?;
+                    }
+                }
+                None => {
+                    upstream_request.remove_header("tracestate");
+                }
+            }
+        }
+        upstream_request.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        if !ctx.forwarded_for.is_empty() {
+            upstream_request.insert_header("x-forwarded-for", ctx.forwarded_for.as_str())?;
+        }
+        upstream_request.insert_header("x-forwarded-proto", ctx.forwarded_proto)?;
+        if let Some(h) = &ctx.forwarded_host {
+            if let Ok(v) = HeaderValue::from_str(h) {
+                upstream_request.insert_header("x-forwarded-host", v)?;
+            }
+        }
+        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
+            if f.mode() == Mode::Off {
+                continue;
+            }
+            f.upstream_request_filter(upstream_request, &mut ctx.req)
+                .await
+                .map_err(|e| {
+                    Error::explain(
+                        ErrorType::InternalError,
+                        format!("upstream request hook: {e}"),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Choose the backend of the next attempt (the route's pool, or the tenant's own), zone by
+    /// zone; records the attempt in the ctx.
+    pub(crate) fn select_peer(&self, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route");
+        };
+        let pool_idx = match ctx.req.facts.get::<Tenant>().and_then(|t| t.pool.as_ref()) {
+            Some(name) => match self.pool_index.get(name) {
+                Some(i) => *i,
+                None => return Error::e_explain(ErrorType::InternalError, "tenant pool missing"),
+            },
+            None => route.pool,
+        };
+        ctx.pool = Some(pool_idx);
+        let Some(pool) = self.pools.get(pool_idx) else {
+            return Error::e_explain(ErrorType::InternalError, "route pool missing");
+        };
+        // The last attempt goes to a later zone when one has a healthy backend, so a zone whose
+        // backends all still look healthy cannot use up the whole budget.
+        let last_attempt = ctx.attempts + 1 >= pool.max_attempts;
+        let pick = match ctx.max_zone_tried {
+            Some(z) if last_attempt => pool
+                .pick_from(&ctx.tried, z + 1)
+                .or_else(|| pool.pick(&ctx.tried)),
+            _ => pool.pick(&ctx.tried),
+        };
+        match pick {
+            Some(pick) => {
+                ctx.attempts += 1;
+                ctx.req.attempt = ctx.attempts as u32;
+                ctx.max_zone_tried =
+                    Some(ctx.max_zone_tried.map_or(pick.zone, |z| z.max(pick.zone)));
+                ctx.current = Some((pick.zone, pick.addr));
+                Ok(pool.peer(pick.addr))
+            }
+            None => {
+                ctx.pending = Some(
+                    LocalReply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_healthy_upstream",
+                        "no healthy backend is available in any zone",
+                    )
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("5")),
+                );
+                Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream")
+            }
+        }
+    }
+
     /// An audit record of this request. The patient is the principal's patient context, or the
     /// Patient read or written.
     fn audit_record(
@@ -607,7 +728,7 @@ impl Gateway {
     }
 }
 
-fn request_has_body(session: &Session) -> bool {
+pub(crate) fn request_has_body(session: &Session) -> bool {
     let h = &session.req_header().headers;
     if h.contains_key(header::TRANSFER_ENCODING) {
         return true;
@@ -650,13 +771,13 @@ fn set_identity_headers(req: &mut pingora::http::RequestHeader, ctx: &RequestCtx
     Ok(())
 }
 
-fn set_request_id(resp: &mut ResponseHeader, id: &str) {
+pub(crate) fn set_request_id(resp: &mut ResponseHeader, id: &str) {
     if let Ok(v) = HeaderValue::from_str(id) {
         let _ = resp.insert_header("x-request-id", v);
     }
 }
 
-fn count_decision(
+pub(crate) fn count_decision(
     filter: &'static str,
     result: &'static str,
     reason: &'static str,
@@ -795,6 +916,10 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        if ctx.req.whole_exchange() {
+            self.whole_exchange(session, ctx).await?;
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -841,50 +966,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Box<Ctx>,
     ) -> Result<Box<HttpPeer>> {
-        let Some(route) = ctx.route.clone() else {
-            return Error::e_explain(ErrorType::InternalError, "no route");
-        };
-        let pool_idx = match ctx.req.facts.get::<Tenant>().and_then(|t| t.pool.as_ref()) {
-            Some(name) => match self.pool_index.get(name) {
-                Some(i) => *i,
-                None => return Error::e_explain(ErrorType::InternalError, "tenant pool missing"),
-            },
-            None => route.pool,
-        };
-        ctx.pool = Some(pool_idx);
-        let Some(pool) = self.pools.get(pool_idx) else {
-            return Error::e_explain(ErrorType::InternalError, "route pool missing");
-        };
-        // The last attempt goes to a later zone when one has a healthy backend, so a zone whose
-        // backends all still look healthy cannot use up the whole budget.
-        let last_attempt = ctx.attempts + 1 >= pool.max_attempts;
-        let pick = match ctx.max_zone_tried {
-            Some(z) if last_attempt => pool
-                .pick_from(&ctx.tried, z + 1)
-                .or_else(|| pool.pick(&ctx.tried)),
-            _ => pool.pick(&ctx.tried),
-        };
-        match pick {
-            Some(pick) => {
-                ctx.attempts += 1;
-                ctx.req.attempt = ctx.attempts as u32;
-                ctx.max_zone_tried =
-                    Some(ctx.max_zone_tried.map_or(pick.zone, |z| z.max(pick.zone)));
-                ctx.current = Some((pick.zone, pick.addr));
-                Ok(pool.peer(pick.addr))
-            }
-            None => {
-                ctx.pending = Some(
-                    LocalReply::error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no_healthy_upstream",
-                        "no healthy backend is available in any zone",
-                    )
-                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("5")),
-                );
-                Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream")
-            }
-        }
+        self.select_peer(ctx)
     }
 
     fn fail_to_connect(
@@ -986,60 +1068,7 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        let Some(route) = ctx.route.clone() else {
-            return Ok(());
-        };
-        // What goes upstream is the session's request as the filters left it (re-checked), mapped
-        // to the route's upstream prefix: one source of truth for the target.
-        let path = hygiene::normalize_path(upstream_request.uri.path()).map_err(|_| {
-            Error::explain(ErrorType::InternalError, "a filter left an invalid path")
-        })?;
-        let path = route.upstream_path(&path);
-        let uri = match upstream_request.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let uri = http::Uri::try_from(uri.as_str())
-            .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
-        upstream_request.set_uri(uri);
-        set_identity_headers(upstream_request, &ctx.req)?;
-        if let Some(t) = &ctx.trace {
-            upstream_request.insert_header("traceparent", t.traceparent())?;
-            match &t.tracestate {
-                Some(ts) => {
-                    if let Ok(v) = HeaderValue::from_str(ts) {
-                        upstream_request.insert_header("tracestate", v)?;
-                    }
-                }
-                None => {
-                    upstream_request.remove_header("tracestate");
-                }
-            }
-        }
-        upstream_request.insert_header("x-request-id", ctx.req.request_id.as_str())?;
-        if !ctx.forwarded_for.is_empty() {
-            upstream_request.insert_header("x-forwarded-for", ctx.forwarded_for.as_str())?;
-        }
-        upstream_request.insert_header("x-forwarded-proto", ctx.forwarded_proto)?;
-        if let Some(h) = &ctx.forwarded_host {
-            if let Ok(v) = HeaderValue::from_str(h) {
-                upstream_request.insert_header("x-forwarded-host", v)?;
-            }
-        }
-        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
-            if f.mode() == Mode::Off {
-                continue;
-            }
-            f.upstream_request_filter(upstream_request, &mut ctx.req)
-                .await
-                .map_err(|e| {
-                    Error::explain(
-                        ErrorType::InternalError,
-                        format!("upstream request hook: {e}"),
-                    )
-                })?;
-        }
-        Ok(())
+        self.prepare_upstream_request(upstream_request, ctx).await
     }
 
     async fn upstream_response_filter(

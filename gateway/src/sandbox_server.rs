@@ -175,6 +175,11 @@ async fn handle(sandbox: &Sandbox, base: &str, req: Request<Incoming>) -> Respon
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let if_match = req
+        .headers()
+        .get(hyper::header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return text(413, "request body too large or unreadable\n"),
@@ -185,6 +190,7 @@ async fn handle(sandbox: &Sandbox, base: &str, req: Request<Incoming>) -> Respon
         query: &query,
         body: &body,
         content_type: content_type.as_deref(),
+        if_match: if_match.as_deref(),
     };
     let out = sandbox.handle(&sreq);
     let mut r = Response::new(Full::new(Bytes::from(out.body)));

@@ -263,6 +263,10 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
                     .collect(),
             }));
         }
+        // Whole exchanges and pre-reads go through their own connector, set up as the proxy's.
+        let connector = Arc::new(pingora::connectors::http::Connector::new(Some(
+            pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration),
+        )));
         let gw = Gateway {
             listener: Arc::from(l.name.as_str()),
             channel: l.channel,
@@ -276,6 +280,8 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             access_log: access_log.clone(),
             audit: audit.clone(),
             otlp: otlp.clone(),
+            connector: connector.clone(),
+            max_exchange_body: cfg.server.max_exchange_body_bytes,
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let mut endpoint = ListenerConfig::tcp(l.listen.to_string())

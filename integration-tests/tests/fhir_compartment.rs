@@ -111,6 +111,9 @@ routes:
         format!("/fhir/Patient/{a}/Observation?_count=5"),
         format!("/fhir/Patient?_id={a}"),
         format!("/fhir/Patient/{a}/$everything?_count=5"),
+        // Includes are allowed: every returned entry is checked.
+        format!("/fhir/Observation?patient={a}&_count=5&_include=Observation:subject"),
+        format!("/fhir/Patient?_id={a}&_revinclude=Observation:subject"),
     ] {
         let r = call("GET", &target, b"").unwrap();
         assert_eq!(r.status, 200, "{target}: {}", r.text());
@@ -157,8 +160,7 @@ routes:
         ("GET", format!("/fhir/Observation?patient={b}"), String::new()),
         ("GET", format!("/fhir/Observation?subject=Patient/{b}"), String::new()),
         ("GET", format!("/fhir/Observation?patient={a},{b}"), String::new()),
-        ("GET", format!("/fhir/Observation?patient={a}&_include=Observation:subject"), String::new()),
-        ("GET", format!("/fhir/Patient?_id={a}&_revinclude=Observation:subject"), String::new()),
+        ("GET", format!("/fhir/Patient/$export?patient={a}"), String::new()),
         ("GET", "/fhir/Observation?subject.name=Smith".to_string(), String::new()),
         ("GET", "/fhir/Patient?_has:Observation:patient:code=8302-2".to_string(), String::new()),
         ("GET", format!("/fhir/Patient/{b}/$everything"), String::new()),
@@ -213,14 +215,201 @@ routes:
         before
     );
 
-    // A read by id of B's observation cannot be judged from the request: the response is checked
-    // and the exchange aborted — never a complete 200 with B's data.
-    match call("GET", &format!("/fhir/Observation/{b_obs}"), b"") {
-        Err(_) => {}
-        Ok(r) => {
-            assert_ne!(r.status, 200, "B's observation was delivered: {}", r.text());
-        }
+    // A read by id of B's observation cannot be judged from the request: the whole response is
+    // checked before anything is released, and the client gets a clean 404 — the same answer
+    // as for an id that does not exist (no existence oracle).
+    let b_obs_body = get(s, &format!("/fhir/Observation/{b_obs}")).text();
+    for target in [
+        format!("/fhir/Observation/{b_obs}"),
+        format!("/fhir/Observation/{b_obs}/_history/1"),
+    ] {
+        let r = call("GET", &target, b"").unwrap();
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        assert_eq!(
+            r.json()["issue"][0]["details"]["coding"][0]["code"],
+            "not_found"
+        );
+        assert!(!r.text().contains(&b) && !r.text().contains(&b_obs));
     }
+
+    // Cross-patient references, added to the backend's data so that includes really reach B:
+    // one of B's observations performed by A (a carer's home reading), and one of A's
+    // observations with B as a performer.
+    let seed = |body: serde_json::Value| -> String {
+        let r = request(
+            s,
+            "POST",
+            "/fhir/Observation",
+            &[("Content-Type", "application/fhir+json")],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let b_by_a = seed(
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "home glucose"},
+        "subject": {"reference": format!("Patient/{b}")}, "performer": [{"reference": format!("Patient/{a}")}]}),
+    );
+    let a_about_b = seed(json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://example.org/test", "code": "carer-reading"}]},
+        "subject": {"reference": format!("Patient/{a}")}, "performer": [{"reference": format!("Patient/{b}")}]}));
+    for (target, leak) in [
+        (
+            format!("/fhir/Patient?_id={a}&_revinclude=Observation:performer"),
+            b_by_a.clone(),
+        ),
+        (
+            format!("/fhir/Observation?patient={a}&code=http://example.org/test|carer-reading&_include=Observation:performer"),
+            b.clone(),
+        ),
+    ] {
+        // The backend really returns B's data for this search ...
+        let direct = get(s, &target).text();
+        assert!(direct.contains(&leak), "the backend did not reach B: {target}");
+        // ... and the gateway delivers none of it.
+        let r = call("GET", &target, b"").unwrap();
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        assert!(!r.text().contains(&leak) && !r.text().contains(&b), "{target}");
+    }
+    // The seeded data goes again, so A's own searches below are A's alone.
+    for id in [&b_by_a, &a_about_b] {
+        assert_eq!(
+            request(s, "DELETE", &format!("/fhir/Observation/{id}"), &[], b"").status,
+            200
+        );
+    }
+
+    // Changes by id are judged against the stored resource, read first from the backend.
+    let patch = |target: &str, ops: serde_json::Value, if_match: Option<&str>| {
+        let mut h = vec![
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json-patch+json"),
+        ];
+        if let Some(m) = if_match {
+            h.push(("If-Match", m));
+        }
+        request(p, "PATCH", target, &h, ops.to_string().as_bytes())
+    };
+    // B's observation: an update, a patch and a delete are all 404, and it stays as it was.
+    let takeover = json!({"resourceType": "Observation", "id": b_obs, "status": "final", "code": {"text": "mine now"}, "subject": {"reference": format!("Patient/{a}")}});
+    let r = call(
+        "PUT",
+        &format!("/fhir/Observation/{b_obs}"),
+        takeover.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = patch(
+        &format!("/fhir/Observation/{b_obs}"),
+        json!([{"op": "replace", "path": "/status", "value": "cancelled"}]),
+        None,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = call("DELETE", &format!("/fhir/Observation/{b_obs}"), b"").unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        get(s, &format!("/fhir/Observation/{b_obs}")).text(),
+        b_obs_body
+    );
+    // A's own observation: an update and a JSON Patch that keep it A's work, and the forwarded
+    // change is pinned to the version that was judged.
+    let mut mine = get(s, &format!("/fhir/Observation/{a_obs}")).json();
+    mine["status"] = json!("amended");
+    let r = call(
+        "PUT",
+        &format!("/fhir/Observation/{a_obs}"),
+        mine.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let etag = r.header("etag").unwrap().to_string();
+    let r = patch(
+        &format!("/fhir/Observation/{a_obs}"),
+        json!([{"op": "replace", "path": "/status", "value": "corrected"}]),
+        Some(&etag),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        get(s, &format!("/fhir/Observation/{a_obs}")).json()["status"],
+        "corrected"
+    );
+    // A stale If-Match is refused before anything goes upstream.
+    let r = patch(
+        &format!("/fhir/Observation/{a_obs}"),
+        json!([{"op": "replace", "path": "/status", "value": "final"}]),
+        Some(&etag),
+    );
+    assert_eq!(r.status, 412, "{}", r.text());
+    // Moving A's observation to B, by update or by patch, is refused; so is FHIRPath Patch,
+    // which the gateway cannot apply to judge.
+    let before_move = get(s, &format!("/fhir/Observation/{a_obs}")).text();
+    let mut moved = get(s, &format!("/fhir/Observation/{a_obs}")).json();
+    moved["subject"]["reference"] = json!(format!("Patient/{b}"));
+    let r = call(
+        "PUT",
+        &format!("/fhir/Observation/{a_obs}"),
+        moved.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.json()["issue"][0]["details"]["coding"][0]["code"],
+        "patient_compartment"
+    );
+    for ops in [
+        json!([{"op": "replace", "path": "/subject/reference", "value": format!("Patient/{b}")}]),
+        json!([{"op": "add", "path": "/performer", "value": [{"reference": format!("Patient/{b}")}]}]),
+        json!([{"op": "remove", "path": "/subject"}]),
+    ] {
+        let r = patch(&format!("/fhir/Observation/{a_obs}"), ops, None);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(!r.text().contains(&b));
+    }
+    let fhirpath = json!({"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "replace"}, {"name": "path", "valueString": "Observation.subject"},
+        {"name": "value", "valueReference": {"reference": format!("Patient/{b}")}}]}]});
+    let r = call(
+        "PATCH",
+        &format!("/fhir/Observation/{a_obs}"),
+        fhirpath.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        get(s, &format!("/fhir/Observation/{a_obs}")).text(),
+        before_move
+    );
+    // Update-as-create of a new id in A's compartment, then its delete.
+    let fresh = json!({"resourceType": "Observation", "id": "a-own-new-1", "status": "final", "code": {"text": "new"}, "subject": {"reference": format!("Patient/{a}")}});
+    let r = call(
+        "PUT",
+        "/fhir/Observation/a-own-new-1",
+        fresh.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = call("DELETE", "/fhir/Observation/a-own-new-1", b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(s, "/fhir/Observation/a-own-new-1").status, 410);
+    // A's own Patient record can be updated, and only as A's.
+    let mut me = get(s, &format!("/fhir/Patient/{a}")).json();
+    me["active"] = json!(true);
+    let r = call(
+        "PUT",
+        &format!("/fhir/Patient/{a}"),
+        me.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut linked = me.clone();
+    linked["link"] = json!([{"other": {"reference": format!("Patient/{b}")}, "type": "seealso"}]);
+    let r = call(
+        "PUT",
+        &format!("/fhir/Patient/{a}"),
+        linked.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
 
     // A's own write works and lands in A's compartment.
     let own = json!({"resourceType": "Observation", "status": "final", "code": {"text": "steps"}, "subject": {"reference": format!("Patient/{a}")}});
@@ -336,19 +525,20 @@ routes:
         b"",
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    match try_request(
+    // The vital sign is refused cleanly, before anything of it is released.
+    let r = request(
         p,
         "GET",
         &format!("/fhir/Observation/{vital_id}"),
         &[("Authorization", &lab_auth)],
         b"",
-    ) {
-        Err(_) => {}
-        Ok(r) => assert_ne!(
-            r.status, 200,
-            "a vital sign was delivered under a laboratory-only scope"
-        ),
-    }
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer error=\"insufficient_scope\"")
+    );
+    assert!(!r.text().contains(&vital_id));
     let r = request(
         p,
         "GET",

@@ -50,10 +50,10 @@ pub(crate) fn statement(store: &Store, base: &str) -> Value {
                 "type": t,
                 "interaction": [
                     {"code": "read"}, {"code": "vread"}, {"code": "update"},
-                    {"code": "delete"}, {"code": "history-instance"},
+                    {"code": "patch"}, {"code": "delete"}, {"code": "history-instance"},
                     {"code": "create"}, {"code": "search-type"}
                 ],
-                "versioning": "versioned",
+                "versioning": "versioned-update",
                 "readHistory": true,
                 "updateCreate": true,
                 "searchInclude": includes,

@@ -10,6 +10,10 @@
 //! - `GET /metadata` (CapabilityStatement);
 //! - read, vread, instance history, create, update (also update-as-create),
 //!   delete (reads of deleted resources give 410);
+//! - `PATCH /Type/id` with an RFC 6902 JSON Patch body
+//!   (`application/json-patch+json`; FHIRPath Patch is not supported);
+//! - `If-Match` preconditions on update, patch and delete (412 when the
+//!   resource's current ETag differs or the resource does not exist);
 //! - search on a type (`GET /Type?...`, `POST /Type/_search` with a form
 //!   body) with `_id`, `patient`, `subject`, `encounter`, `code`,
 //!   `category`, `status`, `identifier`, `_tag`, `_lastUpdated`, a few
@@ -62,6 +66,11 @@ pub struct SandboxRequest<'a> {
     pub body: &'a [u8],
     /// The request's `Content-Type` header, if any.
     pub content_type: Option<&'a str>,
+    /// The request's `If-Match` header, if any (e.g. `W/"3"`): a
+    /// precondition for `PUT`, `PATCH` and `DELETE` on an instance, which
+    /// only proceed when it names the resource's current ETag (`"3"` is
+    /// accepted for `W/"3"`). Ignored elsewhere.
+    pub if_match: Option<&'a str>,
 }
 
 /// The response to send back.
@@ -198,7 +207,7 @@ pub(crate) fn classify(method: &str, route: &Route<'_>) -> Result<Access, Fail> 
         (Route::Type(_), "POST") => Write,
         (Route::TypeSearch(_), "GET" | "POST") => Read,
         (Route::Instance(..), "GET") => Read,
-        (Route::Instance(..), "PUT" | "DELETE") => Write,
+        (Route::Instance(..), "PUT" | "PATCH" | "DELETE") => Write,
         (Route::InstanceHistory(..) | Route::Version(..), "GET") => Read,
         (Route::Everything(_) | Route::Compartment(..), "GET") => Read,
         _ => {
@@ -286,6 +295,133 @@ fn etag(version: usize) -> String {
     format!("W/\"{version}\"")
 }
 
+/// The media type of JSON Patch (RFC 6902).
+const JSON_PATCH: &str = "application/json-patch+json";
+
+/// Parses a `PATCH` body: a JSON Patch document (415 for any other media
+/// type, 400 unless it is a JSON array of valid operations).
+fn patch_body(req: &SandboxRequest<'_>) -> Result<json_patch::Patch, Fail> {
+    match req.content_type {
+        Some(ct) if mime(ct) == JSON_PATCH => {}
+        Some(ct) => {
+            return Err(Fail::unsupported_media_type(format!(
+                "unsupported PATCH content type '{ct}': only JSON Patch is supported ({JSON_PATCH})"
+            )))
+        }
+        None => {
+            return Err(Fail::unsupported_media_type(format!(
+                "PATCH without a Content-Type: only JSON Patch is supported ({JSON_PATCH})"
+            )))
+        }
+    }
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Fail::bad_request("the request body is empty"));
+    }
+    let v: Value = serde_json::from_slice(req.body)
+        .map_err(|e| Fail::new(400, "structure", format!("malformed JSON body: {e}")))?;
+    if !v.is_array() {
+        return Err(Fail::new(
+            400,
+            "structure",
+            "a JSON Patch body must be a JSON array of operations",
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| {
+        Fail::new(
+            400,
+            "structure",
+            format!("invalid JSON Patch operation: {e}"),
+        )
+    })
+}
+
+/// How much a JSON Patch may copy in total (JSON nodes plus string bytes),
+/// so that repeated `copy` operations cannot blow up a resource.
+const PATCH_COPY_BUDGET: usize = 1 << 20;
+
+/// Takes the size of `v` (nodes plus string bytes) from `budget`; false
+/// (and `budget` exhausted) when it does not fit.
+fn spend(v: &Value, budget: &mut usize) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        let cost = match v {
+            Value::String(s) => 1 + s.len(),
+            Value::Array(a) => {
+                stack.extend(a);
+                1
+            }
+            Value::Object(m) => {
+                for (k, x) in m {
+                    *budget = budget.saturating_sub(k.len());
+                    stack.push(x);
+                }
+                1
+            }
+            _ => 1,
+        };
+        match budget.checked_sub(cost) {
+            Some(left) if left > 0 => *budget = left,
+            _ => {
+                *budget = 0;
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Applies a JSON Patch to `doc`; 422 if an operation fails (unknown
+/// path, failed `test`, ...). `doc` is left half-patched on failure, so
+/// callers patch a copy.
+fn apply_patch(doc: &mut Value, patch: &json_patch::Patch) -> Result<(), Fail> {
+    let mut budget = PATCH_COPY_BUDGET;
+    for (i, op) in patch.iter().enumerate() {
+        if let json_patch::PatchOperation::Copy(c) = op {
+            if let Some(from) = doc.pointer(c.from.as_str()) {
+                if !spend(from, &mut budget) {
+                    return Err(Fail::unprocessable(format!(
+                        "JSON Patch operation {i} (copy to '{}'): the patch copies too much data",
+                        op.path().as_str()
+                    )));
+                }
+            }
+        }
+        json_patch::patch_unsafe(doc, std::slice::from_ref(op)).map_err(|e| {
+            use json_patch::PatchOperation::*;
+            let name = match op {
+                Add(_) => "add",
+                Remove(_) => "remove",
+                Replace(_) => "replace",
+                Move(_) => "move",
+                Copy(_) => "copy",
+                Test(_) => "test",
+            };
+            Fail::unprocessable(format!(
+                "JSON Patch operation {i} ({name} at '{}') failed: {}",
+                op.path().as_str(),
+                e.kind
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether an `If-Match` header value names version `version`: `W/"N"`
+/// or `"N"`, `*` (any current version), or a comma-separated list with
+/// one of those.
+fn if_match_matches(header: &str, version: usize) -> bool {
+    let current = version.to_string();
+    header.split(',').map(str::trim).any(|tag| {
+        tag == "*"
+            || tag
+                .strip_prefix("W/")
+                .unwrap_or(tag)
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .is_some_and(|v| v == current)
+    })
+}
+
 /// Checks that a (syntactically valid) type is known: a built-in R4 type
 /// or one present in the store.
 fn check_type(store: &Store, t: &str) -> Result<(), Fail> {
@@ -321,6 +457,34 @@ fn check_resource(t: &str, url_id: Option<&str>, body: Option<Value>) -> Result<
         Some(other) => return Err(Fail::bad_request(format!("invalid resource id {other}"))),
     }
     Ok(body)
+}
+
+/// Checks an `If-Match` precondition of a write on an instance: when
+/// present, the resource must exist (not deleted) and its current ETag
+/// must match; 412 otherwise. Other routes ignore `If-Match`.
+fn check_if_match(store: &Store, route: &Route<'_>, if_match: Option<&str>) -> Result<(), Fail> {
+    let (Some(tag), Route::Instance(t, id)) = (if_match, *route) else {
+        return Ok(());
+    };
+    check_type(store, t)?;
+    match store.record(t, id) {
+        Some(r) if r.current().is_some() => {
+            if if_match_matches(tag, r.version()) {
+                Ok(())
+            } else {
+                Err(Fail::precondition_failed(format!(
+                    "If-Match {tag} does not match the current version of {t}/{id} (ETag {})",
+                    etag(r.version())
+                )))
+            }
+        }
+        Some(_) => Err(Fail::precondition_failed(format!(
+            "If-Match {tag}: {t}/{id} has been deleted"
+        ))),
+        None => Err(Fail::precondition_failed(format!(
+            "If-Match {tag}: {t}/{id} does not exist"
+        ))),
+    }
 }
 
 /// An in-memory FHIR R4 server. `Send + Sync`; share it behind an `Arc`.
@@ -521,7 +685,8 @@ impl Sandbox {
     }
 
     /// Handles one request. Never panics: every failure is an
-    /// `OperationOutcome` response (400, 404, 405, 410, 415 or 500).
+    /// `OperationOutcome` response (400, 404, 405, 410, 412, 415, 422 or
+    /// 500).
     pub fn handle(&self, req: &SandboxRequest<'_>) -> SandboxResponse {
         let method = req.method.to_ascii_uppercase();
         let head = method == "HEAD";
@@ -564,6 +729,12 @@ impl Sandbox {
                 let store = self.read()?;
                 self.exec_read(&store, &route, &params)
             }
+            Access::Write if method == "PATCH" => {
+                let patch = patch_body(req)?;
+                let mut store = self.write()?;
+                check_if_match(&store, &route, req.if_match)?;
+                self.exec_patch(&mut store, &route, &patch)
+            }
             Access::Write => {
                 let body = if method == "DELETE" {
                     None
@@ -571,6 +742,7 @@ impl Sandbox {
                     Some(json_body(req)?)
                 };
                 let mut store = self.write()?;
+                check_if_match(&store, &route, req.if_match)?;
                 self.exec_write(&mut store, method, &route, body, None)
             }
         }
@@ -680,8 +852,48 @@ impl Sandbox {
                     last_modified: Some(now),
                 })
             }
+            // Only reached from a batch or transaction entry: `dispatch`
+            // sends PATCH requests to `exec_patch`.
+            ("PATCH", _) => Err(Fail::new(
+                405,
+                "not-supported",
+                "PATCH is not supported inside a batch or transaction",
+            )),
             _ => Err(Fail::method_not_allowed(method, "this path")),
         }
+    }
+
+    /// Executes a JSON Patch on an instance (`PATCH /Type/id`): the patched
+    /// resource is validated like an update body and stored as a new
+    /// version.
+    fn exec_patch(
+        &self,
+        store: &mut Store,
+        route: &Route<'_>,
+        patch: &json_patch::Patch,
+    ) -> Result<Reply, Fail> {
+        let Route::Instance(t, id) = *route else {
+            return Err(Fail::method_not_allowed("PATCH", "this path"));
+        };
+        check_type(store, t)?;
+        let Some(record) = store.record(t, id) else {
+            return Err(Fail::not_found(format!("{t}/{id} is not known")));
+        };
+        let Some(current) = record.current() else {
+            return Err(Fail::gone(format!("{t}/{id} has been deleted")));
+        };
+        let mut doc = current.as_ref().clone();
+        apply_patch(&mut doc, patch)?;
+        let res = check_resource(t, Some(id), Some(doc))?;
+        let now = now_instant();
+        let put = store.put(t, id, res, &now, &self.base);
+        Ok(Reply {
+            status: 200,
+            location: Some(format!("{}/{t}/{id}/_history/{}", self.base, put.version)),
+            etag: Some(etag(put.version)),
+            last_modified: Some(now),
+            body: Some(put.resource.as_ref().clone()),
+        })
     }
 
     fn read_resource(&self, store: &Store, t: &str, id: &str) -> Result<Reply, Fail> {
@@ -831,5 +1043,369 @@ mod tests {
         assert_eq!(Route::parse("/Patient/a_b").unwrap_err().status, 400);
         assert_eq!(Route::parse("/a/b/c/d/e").unwrap_err().status, 404);
         assert_eq!(Route::parse("/Patient//x").unwrap_err().status, 400);
+    }
+
+    const BASE: &str = "http://sandbox.test/fhir";
+    const PATCH_CT: Option<&str> = Some("application/json-patch+json");
+
+    /// A sandbox holding `Patient/p1` (version 1, gender "female").
+    fn sandbox_with_patient() -> Sandbox {
+        let sb = Sandbox::new(BASE);
+        sb.insert(json!({
+            "resourceType": "Patient",
+            "id": "p1",
+            "gender": "female",
+            "name": [{"family": "Before"}]
+        }))
+        .unwrap();
+        sb
+    }
+
+    fn send(
+        sb: &Sandbox,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        if_match: Option<&str>,
+    ) -> (SandboxResponse, Value) {
+        let r = sb.handle(&SandboxRequest {
+            method,
+            path,
+            query: "",
+            body,
+            content_type,
+            if_match,
+        });
+        assert_eq!(r.content_type, FHIR_JSON);
+        let v = if r.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&r.body).unwrap()
+        };
+        if r.status >= 400 {
+            assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+        }
+        (r, v)
+    }
+
+    fn patch(
+        sb: &Sandbox,
+        path: &str,
+        ops: Value,
+        if_match: Option<&str>,
+    ) -> (SandboxResponse, Value) {
+        send(
+            sb,
+            "PATCH",
+            path,
+            ops.to_string().as_bytes(),
+            PATCH_CT,
+            if_match,
+        )
+    }
+
+    fn put(
+        sb: &Sandbox,
+        path: &str,
+        res: Value,
+        if_match: Option<&str>,
+    ) -> (SandboxResponse, Value) {
+        send(sb, "PUT", path, res.to_string().as_bytes(), None, if_match)
+    }
+
+    /// The current `Patient/p1` and its ETag.
+    fn read_p1(sb: &Sandbox) -> (Value, String) {
+        let (r, v) = send(sb, "GET", "/Patient/p1", b"", None, None);
+        assert_eq!(r.status, 200, "{v}");
+        (v, r.etag.unwrap())
+    }
+
+    fn code(v: &Value) -> &str {
+        v["issue"][0]["code"].as_str().unwrap()
+    }
+
+    #[test]
+    fn patch_replaces_a_field_and_bumps_the_version() {
+        let sb = sandbox_with_patient();
+        let (_, etag_before) = read_p1(&sb);
+        assert_eq!(etag_before, "W/\"1\"");
+        let ops = json!([
+            {"op": "test", "path": "/gender", "value": "female"},
+            {"op": "replace", "path": "/gender", "value": "male"},
+            {"op": "add", "path": "/name/0/given", "value": ["Ann"]},
+            {"op": "remove", "path": "/name/0/family"}
+        ]);
+        let (r, v) = patch(&sb, "/Patient/p1", ops, None);
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(v["gender"], "male");
+        assert_eq!(v["name"], json!([{"given": ["Ann"]}]));
+        assert_eq!(v["id"], "p1");
+        assert_eq!(v["meta"]["versionId"], "2");
+        assert_eq!(r.etag.as_deref(), Some("W/\"2\""));
+        assert_ne!(r.etag.as_deref(), Some(etag_before.as_str()));
+        assert_eq!(
+            r.location.as_deref(),
+            Some("http://sandbox.test/fhir/Patient/p1/_history/2")
+        );
+        // The patched resource is what is stored; the old version is kept.
+        let (stored, etag_after) = read_p1(&sb);
+        assert_eq!(stored, v);
+        assert_eq!(etag_after, "W/\"2\"");
+        let (r, old) = send(&sb, "GET", "/Patient/p1/_history/1", b"", None, None);
+        assert_eq!(r.status, 200);
+        assert_eq!(old["gender"], "female");
+        // A charset parameter on the media type is fine.
+        let (r, v) = send(
+            &sb,
+            "PATCH",
+            "/Patient/p1",
+            br#"[{"op":"replace","path":"/gender","value":"other"}]"#,
+            Some("Application/JSON-Patch+JSON; charset=utf-8"),
+            None,
+        );
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(v["meta"]["versionId"], "3");
+    }
+
+    #[test]
+    fn patch_that_does_not_apply_is_422_and_changes_nothing() {
+        let sb = sandbox_with_patient();
+        let (before, _) = read_p1(&sb);
+        let cases = [
+            // A failing test: the earlier replace must not be kept.
+            json!([
+                {"op": "replace", "path": "/gender", "value": "male"},
+                {"op": "test", "path": "/gender", "value": "female"}
+            ]),
+            // Unknown paths.
+            json!([{"op": "replace", "path": "/birthDate", "value": "2000-01-01"}]),
+            json!([{"op": "remove", "path": "/name/5"}]),
+            json!([{"op": "add", "path": "/no/such/parent", "value": 1}]),
+            json!([{"op": "copy", "from": "/nope", "path": "/x"}]),
+            json!([{"op": "move", "from": "/name", "path": "/name/0/x"}]),
+        ];
+        for ops in cases {
+            let (r, v) = patch(&sb, "/Patient/p1", ops.clone(), None);
+            assert_eq!(r.status, 422, "{ops}: {v}");
+            assert_eq!(code(&v), "processing");
+            assert!(r.etag.is_none() && r.location.is_none());
+            let (after, etag) = read_p1(&sb);
+            assert_eq!(after, before, "{ops}");
+            assert_eq!(etag, "W/\"1\"");
+        }
+    }
+
+    #[test]
+    fn patch_copy_blow_up_is_422() {
+        let sb = sandbox_with_patient();
+        // Each copy doubles the resource: 64 of them would need 2^64 nodes.
+        let ops: Vec<Value> = (0..64)
+            .map(|_| json!({"op": "copy", "from": "/name", "path": "/name/-"}))
+            .collect();
+        let (r, v) = patch(&sb, "/Patient/p1", Value::Array(ops), None);
+        assert_eq!(r.status, 422, "{v}");
+        assert_eq!(read_p1(&sb).1, "W/\"1\"");
+    }
+
+    #[test]
+    fn patch_cannot_change_id_or_resource_type() {
+        let sb = sandbox_with_patient();
+        let (before, _) = read_p1(&sb);
+        for ops in [
+            json!([{"op": "replace", "path": "/id", "value": "p2"}]),
+            json!([{"op": "replace", "path": "/resourceType", "value": "Practitioner"}]),
+            json!([{"op": "remove", "path": "/resourceType"}]),
+            json!([{"op": "replace", "path": "/id", "value": 7}]),
+            json!([{"op": "replace", "path": "", "value": []}]),
+        ] {
+            let (r, v) = patch(&sb, "/Patient/p1", ops.clone(), None);
+            assert_eq!(r.status, 400, "{ops}: {v}");
+            assert_eq!(read_p1(&sb).0, before, "{ops}");
+        }
+        assert!(!sb.read().unwrap().contains("Patient", "p2"));
+    }
+
+    #[test]
+    fn patch_of_unknown_or_deleted_resource() {
+        let sb = sandbox_with_patient();
+        let ops = json!([{"op": "replace", "path": "/gender", "value": "male"}]);
+        let (r, v) = patch(&sb, "/Patient/nope", ops.clone(), None);
+        assert_eq!(r.status, 404, "{v}");
+        assert_eq!(code(&v), "not-found");
+        let (r, v) = patch(&sb, "/NotAType/p1", ops.clone(), None);
+        assert_eq!(r.status, 400, "{v}");
+        let (r, _) = send(&sb, "DELETE", "/Patient/p1", b"", None, None);
+        assert_eq!(r.status, 200);
+        let (r, v) = patch(&sb, "/Patient/p1", ops.clone(), None);
+        assert_eq!(r.status, 410, "{v}");
+        // PATCH is for instances only.
+        let (r, _) = patch(&sb, "/Patient", ops, None);
+        assert_eq!(r.status, 405);
+    }
+
+    #[test]
+    fn patch_content_types_other_than_json_patch_are_415() {
+        let sb = sandbox_with_patient();
+        let fhirpath = json!({
+            "resourceType": "Parameters",
+            "parameter": [{"name": "operation", "part": [
+                {"name": "type", "valueCode": "replace"},
+                {"name": "path", "valueString": "Patient.gender"},
+                {"name": "value", "valueCode": "male"}
+            ]}]
+        })
+        .to_string();
+        for ct in [
+            Some("application/fhir+json"),
+            Some("application/json"),
+            Some("application/merge-patch+json"),
+            None,
+        ] {
+            let (r, v) = send(&sb, "PATCH", "/Patient/p1", fhirpath.as_bytes(), ct, None);
+            assert_eq!(r.status, 415, "{ct:?}: {v}");
+            let msg = v["issue"][0]["diagnostics"].as_str().unwrap();
+            assert!(msg.contains("only JSON Patch is supported"), "{msg}");
+        }
+        assert_eq!(read_p1(&sb).1, "W/\"1\"");
+    }
+
+    #[test]
+    fn patch_body_must_be_an_array_of_operations() {
+        let sb = sandbox_with_patient();
+        for body in [
+            &b""[..],
+            b"  ",
+            b"[",
+            b"{\"op\":\"remove\",\"path\":\"/gender\"}",
+            b"[{\"op\":\"frobnicate\",\"path\":\"/gender\"}]",
+            b"[{\"op\":\"replace\",\"path\":\"/gender\"}]",
+            b"[{\"op\":\"remove\",\"path\":\"gender\"}]",
+            b"[1]",
+        ] {
+            let (r, v) = send(&sb, "PATCH", "/Patient/p1", body, PATCH_CT, None);
+            assert_eq!(r.status, 400, "{}: {v}", String::from_utf8_lossy(body));
+        }
+        // An empty patch is a valid no-op (still a new version).
+        let (r, v) = send(&sb, "PATCH", "/Patient/p1", b"[]", PATCH_CT, None);
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(v["gender"], "female");
+    }
+
+    #[test]
+    fn patch_in_a_batch_is_not_supported() {
+        let sb = sandbox_with_patient();
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": "PATCH", "url": "Patient/p1"}}]
+        });
+        let (r, v) = send(&sb, "POST", "/", bundle.to_string().as_bytes(), None, None);
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            v["entry"][0]["response"]["status"],
+            "405 Method Not Allowed"
+        );
+    }
+
+    #[test]
+    fn if_match_values() {
+        assert!(if_match_matches("W/\"3\"", 3));
+        assert!(if_match_matches("\"3\"", 3));
+        assert!(if_match_matches(" W/\"3\" ", 3));
+        assert!(if_match_matches("*", 3));
+        assert!(if_match_matches("W/\"1\", W/\"3\"", 3));
+        assert!(!if_match_matches("W/\"2\"", 3));
+        assert!(!if_match_matches("3", 3));
+        assert!(!if_match_matches("W/3", 3));
+        assert!(!if_match_matches("W/\"03\"", 3));
+        assert!(!if_match_matches("w/\"3\"", 3));
+        assert!(!if_match_matches("", 3));
+        assert!(!if_match_matches("\"", 3));
+    }
+
+    #[test]
+    fn put_with_if_match() {
+        let sb = sandbox_with_patient();
+        let res = |g: &str| json!({"resourceType": "Patient", "id": "p1", "gender": g});
+        // Mismatch: 412, nothing changes.
+        let (r, v) = put(&sb, "/Patient/p1", res("male"), Some("W/\"2\""));
+        assert_eq!(r.status, 412, "{v}");
+        assert_eq!(code(&v), "conflict");
+        assert!(r.etag.is_none());
+        let (stored, etag) = read_p1(&sb);
+        assert_eq!(
+            (stored["gender"].as_str(), etag.as_str()),
+            (Some("female"), "W/\"1\"")
+        );
+        // Match (weak, then strong form of the new ETag).
+        let (r, v) = put(&sb, "/Patient/p1", res("male"), Some("W/\"1\""));
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(r.etag.as_deref(), Some("W/\"2\""));
+        let (r, v) = put(&sb, "/Patient/p1", res("other"), Some("\"2\""));
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(read_p1(&sb).0["gender"], "other");
+        // A stale ETag after those updates.
+        let (r, _) = put(&sb, "/Patient/p1", res("unknown"), Some("W/\"1\""));
+        assert_eq!(r.status, 412);
+        assert_eq!(read_p1(&sb).1, "W/\"3\"");
+        // Update-as-create with If-Match: the resource does not exist.
+        let new = json!({"resourceType": "Patient", "id": "p9"});
+        let (r, v) = put(&sb, "/Patient/p9", new.clone(), Some("W/\"1\""));
+        assert_eq!(r.status, 412, "{v}");
+        let (r, _) = put(&sb, "/Patient/p9", new.clone(), Some("*"));
+        assert_eq!(r.status, 412);
+        assert!(!sb.read().unwrap().contains("Patient", "p9"));
+        // Without If-Match it is created as before.
+        let (r, _) = put(&sb, "/Patient/p9", new, None);
+        assert_eq!(r.status, 201);
+    }
+
+    #[test]
+    fn patch_with_if_match() {
+        let sb = sandbox_with_patient();
+        let ops = json!([{"op": "replace", "path": "/gender", "value": "male"}]);
+        let (r, v) = patch(&sb, "/Patient/p1", ops.clone(), Some("W/\"7\""));
+        assert_eq!(r.status, 412, "{v}");
+        let (stored, etag) = read_p1(&sb);
+        assert_eq!(
+            (stored["gender"].as_str(), etag.as_str()),
+            (Some("female"), "W/\"1\"")
+        );
+        let (r, v) = patch(&sb, "/Patient/p1", ops.clone(), Some("W/\"1\""));
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(r.etag.as_deref(), Some("W/\"2\""));
+        let ops2 = json!([{"op": "replace", "path": "/gender", "value": "other"}]);
+        let (r, v) = patch(&sb, "/Patient/p1", ops2, Some("\"2\""));
+        assert_eq!(r.status, 200, "{v}");
+        assert_eq!(v["gender"], "other");
+        // Unknown resource with If-Match.
+        let (r, _) = patch(&sb, "/Patient/nope", ops, Some("W/\"1\""));
+        assert_eq!(r.status, 412);
+    }
+
+    #[test]
+    fn delete_with_if_match() {
+        let sb = sandbox_with_patient();
+        let (r, v) = send(&sb, "DELETE", "/Patient/p1", b"", None, Some("W/\"2\""));
+        assert_eq!(r.status, 412, "{v}");
+        assert_eq!(read_p1(&sb).1, "W/\"1\"");
+        let (r, v) = send(&sb, "DELETE", "/Patient/p1", b"", None, Some("\"1\""));
+        assert_eq!(r.status, 200, "{v}");
+        let (r, _) = send(&sb, "GET", "/Patient/p1", b"", None, None);
+        assert_eq!(r.status, 410);
+        // Deleted, then unknown: no current version to match.
+        let (r, _) = send(&sb, "DELETE", "/Patient/p1", b"", None, Some("W/\"2\""));
+        assert_eq!(r.status, 412);
+        let (r, _) = send(&sb, "DELETE", "/Patient/nope", b"", None, Some("W/\"1\""));
+        assert_eq!(r.status, 412);
+        assert_eq!(
+            sb.read()
+                .unwrap()
+                .record("Patient", "p1")
+                .unwrap()
+                .version(),
+            2
+        );
     }
 }

@@ -37,6 +37,19 @@ impl Fail {
             format!("method {method} is not allowed on '{path}'"),
         )
     }
+    /// 412: an `If-Match` precondition does not hold.
+    pub fn precondition_failed(msg: impl Into<String>) -> Fail {
+        Fail::new(412, "conflict", msg)
+    }
+    /// 415: a body in a media type the sandbox does not handle.
+    pub fn unsupported_media_type(msg: impl Into<String>) -> Fail {
+        Fail::new(415, "not-supported", msg)
+    }
+    /// 422: a well-formed request that cannot be processed (e.g. a JSON
+    /// Patch that does not apply).
+    pub fn unprocessable(msg: impl Into<String>) -> Fail {
+        Fail::new(422, "processing", msg)
+    }
     pub fn internal(msg: impl Into<String>) -> Fail {
         Fail::new(500, "exception", msg)
     }
@@ -67,6 +80,7 @@ pub(crate) fn status_line(status: u16) -> String {
         405 => "Method Not Allowed",
         409 => "Conflict",
         410 => "Gone",
+        412 => "Precondition Failed",
         415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
         500 => "Internal Server Error",

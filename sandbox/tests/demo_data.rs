@@ -69,6 +69,7 @@ fn req<'a>(method: &'a str, path: &'a str, query: &'a str, body: &'a [u8]) -> Sa
         query,
         body,
         content_type: None,
+        if_match: None,
     }
 }
 
@@ -551,6 +552,7 @@ fn post_search_with_form_body() {
         query: "",
         body: body.as_bytes(),
         content_type: Some("application/x-www-form-urlencoded; charset=utf-8"),
+        if_match: None,
     });
     check_response(&r);
     assert_eq!(r.status, 200);
@@ -566,6 +568,7 @@ fn post_search_with_form_body() {
         query: "",
         body: b"name=No+Such+Person",
         content_type: Some("application/x-www-form-urlencoded"),
+        if_match: None,
     });
     assert_eq!(r.status, 200);
     let b: Value = serde_json::from_slice(&r.body).unwrap();
@@ -577,6 +580,7 @@ fn post_search_with_form_body() {
         query: "",
         body: b"{}",
         content_type: Some("application/json"),
+        if_match: None,
     });
     assert_eq!(r.status, 415);
 }
@@ -592,6 +596,7 @@ fn crud_round_trip() {
         query: "",
         body: body.to_string().as_bytes(),
         content_type: Some("application/fhir+json; charset=utf-8"),
+        if_match: None,
     });
     check_response(&r);
     assert_eq!(r.status, 201);
@@ -907,7 +912,7 @@ fn errors_are_operation_outcomes() {
             br#"{"resourceType":"Bundle","type":"transaction","entry":[{}]}"#,
             400,
         ),
-        ("PATCH", "/Patient/x", "", b"{}", 405),
+        ("PATCH", "/Patient/x", "", b"{}", 415),
         ("DELETE", "/Patient", "", b"", 405),
         ("PUT", "/Patient", "", b"{}", 405),
         ("OPTIONS", "/metadata", "", b"", 405),
@@ -925,6 +930,7 @@ fn errors_are_operation_outcomes() {
         query: "",
         body: b"<Patient/>",
         content_type: Some("application/fhir+xml"),
+        if_match: None,
     });
     assert_eq!(r.status, 415);
     // Empty batch is fine.
@@ -1074,6 +1080,7 @@ fn garbage_never_panics() {
             query: &query,
             body,
             content_type: ct,
+            if_match: None,
         });
         assert!(
             matches!(r.status, 200 | 201 | 400 | 404 | 405 | 410 | 415),

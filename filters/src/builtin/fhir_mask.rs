@@ -23,11 +23,14 @@
 
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
-use crate::{Filter, FilterError, Mode, RequestCtx, RequestHeader, ResponseHeader, Result};
+use crate::{
+    Decision, Filter, FilterError, LocalReply, Mode, RequestCtx, RequestHeader, ResponseHeader,
+    Result,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use caregate_mask::{MaskRules, Masker};
-use http::header;
+use http::{header, StatusCode};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -139,41 +142,16 @@ fn abort(why: &str) -> FilterError {
     }
 }
 
-impl FhirMaskFilter {
-    fn masker_for(&self, ctx: &RequestCtx) -> Option<Arc<Masker>> {
-        let roles: &[String] = ctx
-            .facts
-            .get::<Principal>()
-            .map(|p| p.roles.as_slice())
-            .unwrap_or(&[]);
-        self.profiles
-            .iter()
-            .find(|(want, _)| want.iter().any(|w| roles.contains(w)))
-            .map(|(_, m)| m.clone())
-            .or_else(|| self.default.clone())
-    }
+fn refused(ctx: &mut RequestCtx) {
+    ctx.refuse_response(LocalReply::error(
+        StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        "the upstream response cannot be masked",
+    ));
 }
 
-#[async_trait]
-impl Filter for FhirMaskFilter {
-    fn kind(&self) -> &'static str {
-        "fhir_mask"
-    }
-
-    fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        req: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        req.remove_header(&header::ACCEPT_ENCODING);
-        Ok(())
-    }
-
-    fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+impl FhirMaskFilter {
+    fn on_header(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
         let Some(masker) = self.masker_for(ctx) else {
             return Ok(());
         };
@@ -217,7 +195,7 @@ impl Filter for FhirMaskFilter {
         Ok(())
     }
 
-    fn response_body_filter(
+    fn on_body(
         &self,
         chunk: &mut Option<Bytes>,
         end_of_stream: bool,
@@ -245,6 +223,66 @@ impl Filter for FhirMaskFilter {
             *chunk = Some(Bytes::from(out.body));
         }
         Ok(())
+    }
+
+    fn masker_for(&self, ctx: &RequestCtx) -> Option<Arc<Masker>> {
+        let roles: &[String] = ctx
+            .facts
+            .get::<Principal>()
+            .map(|p| p.roles.as_slice())
+            .unwrap_or(&[]);
+        self.profiles
+            .iter()
+            .find(|(want, _)| want.iter().any(|w| roles.contains(w)))
+            .map(|(_, m)| m.clone())
+            .or_else(|| self.default.clone())
+    }
+}
+
+#[async_trait]
+impl Filter for FhirMaskFilter {
+    fn kind(&self) -> &'static str {
+        "fhir_mask"
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        req: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        req.remove_header(&header::ACCEPT_ENCODING);
+        Ok(())
+    }
+
+    async fn request_filter(
+        &self,
+        _req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<Decision> {
+        if ctx.method != "HEAD" && self.masker_for(ctx).is_some() {
+            // The body is masked whole; holding the header too means a body that cannot be
+            // masked becomes a clean 502 instead of an aborted 200.
+            ctx.require_whole_exchange();
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        self.on_header(resp, ctx).inspect_err(|_| refused(ctx))
+    }
+
+    fn response_body_filter(
+        &self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.on_body(chunk, end_of_stream, ctx)
+            .inspect_err(|_| refused(ctx))
     }
 }
 

@@ -8,24 +8,33 @@
 //! Applies to principals with a patient context (a token's configured patient claim); other
 //! callers pass. Refused with 403 `patient_compartment`: another patient's id anywhere in the
 //! request, a search not scoped to the caller's patient by one of the type's linking parameters,
-//! chained and `_has` parameters, `_include`/`_revinclude` (their results could reach other
-//! patients), `$everything` or compartment searches for another patient, system-level searches
-//! and history, types outside the compartment, and updates, patches
-//! and deletes by id (the stored resource cannot be judged from the request). A create whose body
-//! does not reference the caller's patient, or references another patient, is refused before
-//! anything but the header went upstream. Batch and transaction Bundles are judged entry by entry
-//! the same way; one refused entry refuses the Bundle, named by its index.
+//! chained and `_has` parameters, `$everything` or compartment searches for another patient,
+//! system-level searches and history, types outside the compartment, conditional writes, and
+//! bulk `$export` unless `allow_bulk_export` (then only for the caller's own patient). A create
+//! whose body does not reference the caller's patient, or references another patient, is
+//! refused before anything goes upstream. Batch and transaction Bundles are judged entry by
+//! entry the same way before anything is forwarded; one refused entry refuses the Bundle, named
+//! by its index.
 //!
-//! A read by id cannot be judged from the request: the response body is buffered (bounded) and
-//! every returned resource — the resource, or each entry of a Bundle — must belong to the
-//! caller's compartment. If one does not, the exchange is aborted: the client gets an incomplete
-//! response, never a complete 2xx with another patient's data.
+//! What the request alone cannot tell is checked on whole bodies, before anything is released
+//! (the gateway runs these requests as whole exchanges):
+//! - a read by id, a search (with `_include`/`_revinclude` too), `$everything`: every returned
+//!   resource — the resource, each entry of a Bundle, and contained resources — must belong to
+//!   the caller's compartment, otherwise the client gets `404 not_found` and none of the data;
+//! - an update, patch or delete by id: the stored resource is read first (a pre-read on the
+//!   same upstream) and must belong to the compartment (else `404 not_found`); the new state
+//!   must too (an update's body; a JSON Patch is applied to the stored resource and the result
+//!   judged). The forwarded request carries `If-Match` with the version that was judged, so a
+//!   change in between fails at the backend instead of slipping through.
+//!
+//! FHIR XML and `Binary` cannot be judged and are refused unless allowed; FHIRPath Patch is
+//! refused (only JSON Patch can be applied to judge the result).
 
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{
     Decision, Filter, FilterError, LocalReply, Mode, RequestCtx, RequestHeader, ResponseHeader,
-    Result,
+    Result, Stored,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -47,6 +56,12 @@ pub struct PatientCompartmentConfig {
     /// `Binary` resources carry no patient reference the gateway can check.
     #[serde(default)]
     pub allow_binary: bool,
+    /// Bulk data `$export` kick-offs for the caller's own patient (`Patient/$export` or
+    /// `Group/{id}/$export` with a `patient` parameter naming only the caller). Its status and
+    /// output files are not FHIR interactions and are never passed on this route; refused by
+    /// default.
+    #[serde(default)]
+    pub allow_bulk_export: bool,
     #[serde(default = "d_max")]
     pub max_body_bytes: usize,
 }
@@ -60,6 +75,7 @@ pub struct PatientCompartmentFilter {
     max: usize,
     allow_xml: bool,
     allow_binary: bool,
+    allow_bulk_export: bool,
 }
 
 /// Per-request state (written only by this filter).
@@ -73,6 +89,23 @@ pub struct CompartmentState {
     pub request_body: Vec<u8>,
     pub check_response: bool,
     pub response_body: Vec<u8>,
+    /// An update, patch or delete by id: what the pre-read found.
+    pub write: Option<WriteCheck>,
+}
+
+/// The state of a change by id, judged against the stored resource.
+#[derive(Debug, Default)]
+pub struct WriteCheck {
+    pub interaction: Option<Interaction>,
+    pub resource_type: String,
+    pub id: String,
+    /// The request's `Content-Type` (a patch is judged by its format).
+    pub content_type: String,
+    /// The client's own `If-Match`, if any.
+    pub if_match: Option<String>,
+    /// The stored resource (when the pre-read found one) and its ETag.
+    pub stored: Option<Value>,
+    pub stored_etag: Option<String>,
 }
 
 pub fn build(
@@ -88,6 +121,7 @@ pub fn build(
         max: c.max_body_bytes,
         allow_xml: c.allow_xml,
         allow_binary: c.allow_binary,
+        allow_bulk_export: c.allow_bulk_export,
     }))
 }
 
@@ -129,9 +163,6 @@ pub fn judge(patient: &str, req: &FhirRequest) -> std::result::Result<Follow, &'
         if !p.chain.is_empty() {
             return Err("chained parameters can probe other patients");
         }
-        if p.name == "_include" || p.name == "_revinclude" {
-            return Err("_include and _revinclude can return other patients' data");
-        }
         for v in &p.values {
             if let Some(other) = referenced_patient(v, false) {
                 if other != patient {
@@ -148,6 +179,9 @@ pub fn judge(patient: &str, req: &FhirRequest) -> std::result::Result<Follow, &'
             Some(t) if PatientCompartment::contains(t) => Ok(Follow::Response),
             _ => Err("this resource type is outside the patient compartment"),
         },
+        _ if req.operation.as_deref() == Some("$export") => {
+            Err("bulk $export is not available with a patient context on this route")
+        }
         I::OperationInstance => match (ty, req.id.as_deref(), req.operation.as_deref()) {
             (Some("Patient"), Some(id), Some("$everything")) if id == patient => {
                 Ok(Follow::Response)
@@ -209,8 +243,14 @@ pub fn judge(patient: &str, req: &FhirRequest) -> std::result::Result<Follow, &'
             Some(t) if t != "Patient" && PatientCompartment::contains(t) => Ok(Follow::RequestBody),
             _ => Err("this resource type cannot be created with a patient context"),
         },
-        I::Update | I::Patch | I::Delete => {
-            Err("updates and deletes by id cannot be confined to the compartment yet")
+        I::Update | I::Patch | I::Delete => match (ty, req.id.as_deref()) {
+            (Some("Patient"), Some(id)) if id == patient => Ok(Follow::Stored),
+            (Some("Patient"), _) => Err("another patient's record"),
+            (Some(t), Some(_)) if PatientCompartment::contains(t) => Ok(Follow::Stored),
+            _ => Err("this resource type is outside the patient compartment"),
+        },
+        I::ConditionalUpdate | I::ConditionalPatch | I::ConditionalDelete => {
+            Err("conditional writes are not available with a patient context")
         }
         I::BatchOrTransaction => Ok(Follow::BundleBody),
         _ => Err("this interaction is not available with a patient context"),
@@ -225,6 +265,30 @@ pub enum Follow {
     RequestBody,
     /// A batch/transaction: every entry is judged from the body before anything is forwarded.
     BundleBody,
+    /// An update, patch or delete by id: judged against the stored resource (a pre-read), and
+    /// an update or patch against its new state.
+    Stored,
+}
+
+/// Whether a bulk `$export` kick-off is confined to `patient`: Patient- or Group-level, with a
+/// `patient` parameter naming the caller and no one else.
+pub fn export_for(patient: &str, req: &FhirRequest) -> bool {
+    let level_ok = matches!(
+        (req.interaction, req.resource_type.as_deref()),
+        (Interaction::OperationType, Some("Patient"))
+            | (Interaction::OperationInstance, Some("Group"))
+    );
+    let named: Vec<&String> = req
+        .params
+        .iter()
+        .filter(|p| p.name == "patient")
+        .flat_map(|p| p.values.iter())
+        .collect();
+    level_ok
+        && !named.is_empty()
+        && named
+            .iter()
+            .all(|v| referenced_patient(v, true).as_deref() == Some(patient))
 }
 
 /// Every patient a resource (and its contained resources) references.
@@ -247,10 +311,27 @@ fn patients_in(v: &Value, out: &mut Vec<String>) {
 }
 
 /// Whether a resource belongs to `patient`'s compartment: the Patient itself, or a resource that
-/// references that patient and no other.
+/// references that patient and no other. A contained Patient (a patient the compartment cannot
+/// identify) never belongs.
 pub fn resource_in_compartment(r: &Value, patient: &str) -> bool {
+    let contains_patient = r
+        .get("contained")
+        .and_then(Value::as_array)
+        .map(|c| {
+            c.iter()
+                .any(|x| x.get("resourceType").and_then(Value::as_str) == Some("Patient"))
+        })
+        .unwrap_or(false);
+    if contains_patient {
+        return false;
+    }
     match r.get("resourceType").and_then(Value::as_str) {
-        Some("Patient") => r.get("id").and_then(Value::as_str) == Some(patient),
+        Some("Patient") => {
+            let mut refs = Vec::new();
+            patients_in(r, &mut refs);
+            r.get("id").and_then(Value::as_str) == Some(patient)
+                && refs.iter().all(|p| p == patient)
+        }
         Some("OperationOutcome") => true,
         Some(_) => {
             let mut refs = Vec::new();
@@ -261,7 +342,8 @@ pub fn resource_in_compartment(r: &Value, patient: &str) -> bool {
     }
 }
 
-/// Check a response body: a resource, or every entry of a Bundle.
+/// Check a response body: a resource, or every entry of a Bundle (`match`, `include` and
+/// `outcome` entries alike).
 pub fn body_in_compartment(body: &[u8], patient: &str) -> bool {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return false;
@@ -282,10 +364,89 @@ pub fn body_in_compartment(body: &[u8], patient: &str) -> bool {
     resource_in_compartment(&v, patient)
 }
 
+/// Two entity tags name the same version (weak comparison, RFC 9110 §8.8.3.2).
+fn same_etag(a: &str, b: &str) -> bool {
+    let strip = |t: &str| {
+        let t = t.trim();
+        t.strip_prefix("W/").unwrap_or(t).to_string()
+    };
+    strip(a) == strip(b)
+}
+
+/// The new state of a changed resource, judged for the compartment: an update's body, or the
+/// stored resource with a JSON Patch applied. `Err` is the refusal text.
+pub fn new_state(
+    w: &WriteCheck,
+    body: &[u8],
+    patient: &str,
+    max_copy: usize,
+) -> std::result::Result<(), &'static str> {
+    let state = match w.interaction {
+        Some(Interaction::Update) => {
+            serde_json::from_slice::<Value>(body).map_err(|_| "the body is not a JSON resource")?
+        }
+        Some(Interaction::Patch) => {
+            let ct = w.content_type.to_ascii_lowercase();
+            if !ct.starts_with("application/json-patch+json") {
+                return Err("only JSON Patch can be checked for the patient compartment");
+            }
+            let patch: json_patch::Patch =
+                serde_json::from_slice(body).map_err(|_| "the body is not a JSON Patch")?;
+            let mut doc = w
+                .stored
+                .clone()
+                .ok_or("there is no stored resource to patch")?;
+            // `copy` can double the document per operation: bound what it may copy in all.
+            let mut copied = 0usize;
+            for op in patch.0.iter() {
+                if let json_patch::PatchOperation::Copy(c) = op {
+                    copied += doc
+                        .pointer(c.from.as_str())
+                        .and_then(|v| serde_json::to_vec(v).ok())
+                        .map(|v| v.len())
+                        .unwrap_or(0);
+                    if copied > max_copy {
+                        return Err("the JSON Patch copies too much");
+                    }
+                }
+                // On a copy of the stored resource: a failure leaves nothing to undo.
+                json_patch::patch_unsafe(&mut doc, std::slice::from_ref(op))
+                    .map_err(|_| "the JSON Patch does not apply to the stored resource")?;
+            }
+            doc
+        }
+        _ => return Ok(()),
+    };
+    if state.get("resourceType").and_then(Value::as_str) != Some(w.resource_type.as_str())
+        || state.get("id").and_then(Value::as_str) != Some(w.id.as_str())
+    {
+        return Err("the resource's type and id must match the request");
+    }
+    if !resource_in_compartment(&state, patient) {
+        return Err("the resource must reference the caller's patient and no other");
+    }
+    Ok(())
+}
+
 fn too_big() -> FilterError {
     FilterError {
         filter: "patient_compartment",
         message: "body over max_body_bytes".into(),
+    }
+}
+
+fn not_found() -> LocalReply {
+    LocalReply::error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such resource in the caller's patient compartment",
+    )
+}
+
+fn fact_error(e: crate::FactError) -> FilterError {
+    FilterError {
+        filter: "patient_compartment",
+        message: e.to_string(),
     }
 }
 
@@ -334,7 +495,7 @@ impl Filter for PatientCompartmentFilter {
         }
         let form_body = crate::builtin::body::is_form(req);
         if form_body && class.interaction.is_search() {
-            // The parameters are in the body: judged once it is here (body phase).
+            // The parameters are in the body: judged once it is here, before it is forwarded.
             let state = CompartmentState {
                 patient,
                 form_search: true,
@@ -343,10 +504,8 @@ impl Filter for PatientCompartmentFilter {
             };
             ctx.facts
                 .insert("patient_compartment", state)
-                .map_err(|e| FilterError {
-                    filter: "patient_compartment",
-                    message: e.to_string(),
-                })?;
+                .map_err(fact_error)?;
+            ctx.require_whole_exchange();
             return Ok(Decision::Continue);
         }
         if form_body {
@@ -363,24 +522,113 @@ impl Filter for PatientCompartmentFilter {
                 "Binary resources are not available with a patient context on this route",
             ));
         }
-        match judge(&patient, class) {
-            Err(detail) => Ok(refuse(detail)),
-            Ok(follow) => {
-                let state = CompartmentState {
-                    patient,
-                    bundle: follow == Follow::BundleBody,
-                    check_request_body: matches!(follow, Follow::RequestBody | Follow::BundleBody),
-                    check_response: follow != Follow::Nothing,
-                    ..Default::default()
-                };
-                ctx.facts
-                    .insert("patient_compartment", state)
-                    .map_err(|e| FilterError {
-                        filter: "patient_compartment",
-                        message: e.to_string(),
-                    })?;
+        let verdict = if class.operation.as_deref() == Some("$export") {
+            if !self.allow_bulk_export {
+                Err("bulk $export is not available with a patient context on this route")
+            } else if export_for(&patient, class) {
+                Ok(Follow::Response)
+            } else {
+                Err("bulk $export must name the caller's own patient, and no other")
+            }
+        } else {
+            judge(&patient, class)
+        };
+        let follow = match verdict {
+            Err(detail) => return Ok(refuse(detail)),
+            Ok(f) => f,
+        };
+        let write = (follow == Follow::Stored).then(|| WriteCheck {
+            interaction: Some(class.interaction),
+            resource_type: class.resource_type.clone().unwrap_or_default(),
+            id: class.id.clone().unwrap_or_default(),
+            content_type: req
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            if_match: req
+                .headers
+                .get(header::IF_MATCH)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            ..Default::default()
+        });
+        let preread = write
+            .as_ref()
+            .map(|w| format!("/{}/{}", w.resource_type, w.id));
+        let state = CompartmentState {
+            patient,
+            bundle: follow == Follow::BundleBody,
+            check_request_body: matches!(follow, Follow::RequestBody | Follow::BundleBody)
+                || write
+                    .as_ref()
+                    .map(|w| w.interaction != Some(Interaction::Delete))
+                    .unwrap_or(false),
+            check_response: follow != Follow::Nothing,
+            write,
+            ..Default::default()
+        };
+        ctx.facts
+            .insert("patient_compartment", state)
+            .map_err(fact_error)?;
+        match preread {
+            Some(path) => ctx
+                .request_preread("patient_compartment", path)
+                .map_err(fact_error)?,
+            None if follow != Follow::Nothing => ctx.require_whole_exchange(),
+            None => {}
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn preread_filter(&self, stored: &Stored, ctx: &mut RequestCtx) -> Result<Decision> {
+        let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
+            return Ok(Decision::Continue);
+        };
+        let patient = st.patient.clone();
+        let Some(w) = st.write.as_mut() else {
+            return Ok(Decision::Continue);
+        };
+        match stored.status {
+            200 => {
+                let v = serde_json::from_slice::<Value>(&stored.body).ok();
+                let fits = v
+                    .as_ref()
+                    .map(|v| {
+                        v.get("resourceType").and_then(Value::as_str)
+                            == Some(w.resource_type.as_str())
+                            && resource_in_compartment(v, &patient)
+                    })
+                    .unwrap_or(false);
+                if !fits {
+                    // Not the caller's: indistinguishable from a resource that does not exist.
+                    return Ok(Decision::Respond(not_found()));
+                }
+                if let (Some(mine), Some(theirs)) = (&w.if_match, &stored.etag) {
+                    if !same_etag(mine, theirs) {
+                        return Ok(Decision::Respond(LocalReply::error(
+                            StatusCode::PRECONDITION_FAILED,
+                            "precondition_failed",
+                            "If-Match does not name the current version",
+                        )));
+                    }
+                }
+                w.stored = v;
+                w.stored_etag = stored.etag.clone();
                 Ok(Decision::Continue)
             }
+            // An update may create the resource (its body is judged); a patch or delete of
+            // nothing is answered here, so nothing can slip in between.
+            404 | 410 if w.interaction == Some(Interaction::Update) && w.if_match.is_none() => {
+                Ok(Decision::Continue)
+            }
+            404 | 410 => Ok(Decision::Respond(not_found())),
+            _ => Ok(Decision::Respond(LocalReply::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the stored resource could not be checked",
+            ))),
         }
     }
 
@@ -431,6 +679,14 @@ impl Filter for PatientCompartmentFilter {
                 Err(why) => Ok(refuse(why)),
             };
         }
+        if let Some(w) = &st.write {
+            let verdict = new_state(w, &body, &st.patient, self.max);
+            *chunk = Some(Bytes::from(body));
+            return Ok(match verdict {
+                Ok(()) => Decision::Continue,
+                Err(why) => refuse(why),
+            });
+        }
         if st.bundle {
             let entries = match crate::builtin::bundle_entries::entries(&body) {
                 Ok(e) => e,
@@ -444,20 +700,30 @@ impl Filter for PatientCompartmentFilter {
             };
             for e in &entries {
                 let verdict = judge(&st.patient, &e.request).and_then(|follow| {
-                    if follow == Follow::BundleBody {
-                        return Err("a Bundle inside a Bundle entry");
-                    }
-                    if follow == Follow::RequestBody {
-                        let fits = e
-                            .resource
-                            .as_ref()
-                            .map(|r| resource_in_compartment(r, &st.patient))
-                            .unwrap_or(false);
-                        if !fits {
+                    match follow {
+                        Follow::BundleBody => return Err("a Bundle inside a Bundle entry"),
+                        Follow::Stored => {
                             return Err(
-                                "the resource must reference the caller's patient and no other",
-                            );
+                                "updates, patches and deletes cannot be checked inside a Bundle; send them one by one",
+                            )
                         }
+                        Follow::RequestBody => {
+                            let fits = e
+                                .resource
+                                .as_ref()
+                                .map(|r| {
+                                    r.get("resourceType").and_then(Value::as_str)
+                                        != Some("Patient")
+                                        && resource_in_compartment(r, &st.patient)
+                                })
+                                .unwrap_or(false);
+                            if !fits {
+                                return Err(
+                                    "the resource must reference the caller's patient and no other",
+                                );
+                            }
+                        }
+                        Follow::Nothing | Follow::Response => {}
                     }
                     Ok(follow)
                 });
@@ -493,9 +759,18 @@ impl Filter for PatientCompartmentFilter {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let Some(st) = ctx.facts.get::<CompartmentState>() else {
+            return Ok(());
+        };
         // Responses are read as plain JSON.
-        if ctx.facts.get::<CompartmentState>().is_some() {
-            req.remove_header(&header::ACCEPT_ENCODING);
+        req.remove_header(&header::ACCEPT_ENCODING);
+        // A change applies only to the version that was judged.
+        if let Some(etag) = st.write.as_ref().and_then(|w| w.stored_etag.as_deref()) {
+            if !req.headers.contains_key(header::IF_MATCH) {
+                if let Ok(v) = http::HeaderValue::from_str(etag) {
+                    let _ = req.insert_header(header::IF_MATCH, v);
+                }
+            }
         }
         Ok(())
     }
@@ -503,10 +778,15 @@ impl Filter for PatientCompartmentFilter {
     fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
         let status = resp.status.as_u16();
         let head = ctx.method == "HEAD";
+        let empty = resp
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .map(|v| v.as_bytes() == b"0")
+            .unwrap_or(false);
         let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
             return Ok(());
         };
-        if head || !st.check_response || !(200..300).contains(&status) || status == 204 {
+        if head || empty || !st.check_response || !(200..300).contains(&status) || status == 204 {
             st.check_response = false;
             return Ok(());
         }
@@ -514,6 +794,11 @@ impl Filter for PatientCompartmentFilter {
         let encoded = crate::builtin::body::is_encoded(resp);
         if !json || encoded {
             // Nothing this filter can judge is ever passed unchecked.
+            ctx.refuse_response(LocalReply::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream response cannot be checked for the patient compartment",
+            ));
             return Err(FilterError {
                 filter: "patient_compartment",
                 message: "a response that cannot be checked for the compartment".into(),
@@ -536,17 +821,23 @@ impl Filter for PatientCompartmentFilter {
             return Ok(());
         }
         if !crate::builtin::body::hold(&mut st.response_body, chunk, self.max) {
+            st.check_response = false;
+            ctx.refuse_response(LocalReply::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream response is larger than this route checks",
+            ));
             return Err(too_big());
         }
         if end_of_stream {
             let body = std::mem::take(&mut st.response_body);
             st.check_response = false;
             if !body_in_compartment(&body, &st.patient) {
+                ctx.refuse_response(not_found());
                 return Err(FilterError {
                     filter: "patient_compartment",
-                    message:
-                        "the response holds data outside the caller's compartment; exchange aborted"
-                            .into(),
+                    message: "the response holds data outside the caller's compartment; refused"
+                        .into(),
                 });
             }
             *chunk = Some(Bytes::from(body));
@@ -576,6 +867,18 @@ mod tests {
             ("GET", "/Patient/A/$everything", ""),
             ("GET", "/Observation/123", ""),
             ("GET", "/metadata", ""),
+            // Includes are allowed: every returned entry is checked on the response.
+            (
+                "GET",
+                "/Observation",
+                "patient=A&_include=Observation:subject",
+            ),
+            ("GET", "/Patient", "_id=A&_revinclude=Observation:subject"),
+            // Changes by id are judged against the stored resource (a pre-read).
+            ("PUT", "/Observation/1", ""),
+            ("PATCH", "/Observation/1", ""),
+            ("DELETE", "/Observation/1", ""),
+            ("PUT", "/Patient/A", ""),
         ];
         for (m, p, q) in ok {
             assert!(judge("A", &class(m, p, q)).is_ok(), "{m} {p}?{q}");
@@ -585,24 +888,17 @@ mod tests {
             ("GET", "/Observation", "patient=B"),
             ("GET", "/Observation", "patient=A,B"),
             ("GET", "/Observation", ""),
-            (
-                "GET",
-                "/Observation",
-                "patient=A&_include=Observation:subject",
-            ),
-            (
-                "GET",
-                "/Observation",
-                "patient=A&_revinclude=Provenance:target",
-            ),
             ("GET", "/Observation", "subject.name=Smith"),
             ("GET", "/Patient", "_has:Observation:patient:code=1234"),
             ("GET", "/Patient/B/$everything", ""),
             ("GET", "/Patient/B/Observation", ""),
             ("GET", "/Patient", "name=Smith"),
             ("GET", "/Observation", "patient=A&performer=Patient/B"),
-            ("PUT", "/Observation/1", ""),
-            ("DELETE", "/Observation/1", ""),
+            ("PUT", "/Patient/B", ""),
+            ("DELETE", "/Patient/B", ""),
+            ("PUT", "/Observation", "code=1234"),
+            ("DELETE", "/Observation", "patient=A"),
+            ("PUT", "/Practitioner/1", ""),
             ("GET", "/Practitioner/1", ""),
             ("GET", "/$export", ""),
             ("GET", "/Patient/$export", ""),
@@ -630,5 +926,121 @@ mod tests {
             json!({"resourceType": "Bundle", "entry": [{"resource": own}, {"resource": other}]});
         assert!(!body_in_compartment(leaky.to_string().as_bytes(), "A"));
         assert!(!body_in_compartment(b"not json", "A"));
+        // A contained Patient cannot be identified: never in the compartment.
+        let contained = json!({"resourceType": "Observation", "subject": {"reference": "Patient/A"},
+            "contained": [{"resourceType": "Patient", "id": "p1", "name": [{"family": "B"}]}]});
+        assert!(!resource_in_compartment(&contained, "A"));
+        // A Patient that links another patient is not A's alone.
+        let linked = json!({"resourceType": "Patient", "id": "A", "link": [{"other": {"reference": "Patient/B"}, "type": "seealso"}]});
+        assert!(!resource_in_compartment(&linked, "A"));
+        // Include entries are checked like match entries.
+        let included = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+            {"resource": own, "search": {"mode": "match"}},
+            {"resource": {"resourceType": "Patient", "id": "B"}, "search": {"mode": "include"}}]});
+        assert!(!body_in_compartment(included.to_string().as_bytes(), "A"));
+    }
+
+    fn write(
+        interaction: Interaction,
+        ty: &str,
+        id: &str,
+        ct: &str,
+        stored: Option<Value>,
+    ) -> WriteCheck {
+        WriteCheck {
+            interaction: Some(interaction),
+            resource_type: ty.into(),
+            id: id.into(),
+            content_type: ct.into(),
+            if_match: None,
+            stored,
+            stored_etag: None,
+        }
+    }
+
+    #[test]
+    fn new_states_of_changes_by_id() {
+        let stored = json!({"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/A"}});
+        let upd = write(
+            Interaction::Update,
+            "Observation",
+            "o1",
+            "application/fhir+json",
+            None,
+        );
+        let mine = json!({"resourceType": "Observation", "id": "o1", "status": "amended", "subject": {"reference": "Patient/A"}});
+        assert_eq!(
+            new_state(&upd, mine.to_string().as_bytes(), "A", 1 << 20),
+            Ok(())
+        );
+        let moved = json!({"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/B"}});
+        assert!(new_state(&upd, moved.to_string().as_bytes(), "A", 1 << 20).is_err());
+        let other_id = json!({"resourceType": "Observation", "id": "o2", "subject": {"reference": "Patient/A"}});
+        assert!(new_state(&upd, other_id.to_string().as_bytes(), "A", 1 << 20).is_err());
+        assert!(new_state(&upd, b"not json", "A", 1 << 20).is_err());
+
+        let p = write(
+            Interaction::Patch,
+            "Observation",
+            "o1",
+            "application/json-patch+json",
+            Some(stored.clone()),
+        );
+        let ok = json!([{"op": "replace", "path": "/status", "value": "amended"}]);
+        assert_eq!(
+            new_state(&p, ok.to_string().as_bytes(), "A", 1 << 20),
+            Ok(())
+        );
+        let to_b = json!([{"op": "replace", "path": "/subject/reference", "value": "Patient/B"}]);
+        assert!(new_state(&p, to_b.to_string().as_bytes(), "A", 1 << 20).is_err());
+        let add_b =
+            json!([{"op": "add", "path": "/performer", "value": [{"reference": "Patient/B"}]}]);
+        assert!(new_state(&p, add_b.to_string().as_bytes(), "A", 1 << 20).is_err());
+        let drop_subject = json!([{"op": "remove", "path": "/subject"}]);
+        assert!(new_state(&p, drop_subject.to_string().as_bytes(), "A", 1 << 20).is_err());
+        let bad = json!([{"op": "replace", "path": "/nope/deeper", "value": 1}]);
+        assert!(new_state(&p, bad.to_string().as_bytes(), "A", 1 << 20).is_err());
+        let blow_up: Vec<Value> = (0..40)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/x{i}")}))
+            .collect();
+        assert_eq!(
+            new_state(
+                &p,
+                serde_json::to_vec(&blow_up).unwrap().as_slice(),
+                "A",
+                1 << 20
+            ),
+            Err("the JSON Patch copies too much")
+        );
+        let fhirpath = write(
+            Interaction::Patch,
+            "Observation",
+            "o1",
+            "application/fhir+json",
+            Some(stored),
+        );
+        let params = json!({"resourceType": "Parameters", "parameter": []});
+        assert!(new_state(&fhirpath, params.to_string().as_bytes(), "A", 1 << 20).is_err());
+        assert!(same_etag("W/\"3\"", "\"3\""));
+        assert!(!same_etag("W/\"3\"", "W/\"4\""));
+    }
+
+    #[test]
+    fn bulk_export_for_the_callers_own_patient_only() {
+        assert!(export_for(
+            "A",
+            &class("GET", "/Patient/$export", "patient=Patient/A")
+        ));
+        assert!(export_for(
+            "A",
+            &class("GET", "/Group/g1/$export", "patient=A")
+        ));
+        assert!(!export_for("A", &class("GET", "/Patient/$export", "")));
+        assert!(!export_for(
+            "A",
+            &class("GET", "/Patient/$export", "patient=A,B")
+        ));
+        assert!(!export_for("A", &class("GET", "/$export", "patient=A")));
+        assert!(judge("A", &class("GET", "/Patient/$export", "patient=A")).is_err());
     }
 }

@@ -245,6 +245,8 @@ impl Filter for SmartScopesFilter {
             let _ = ctx
                 .facts
                 .insert("smart_scopes", ScopeBundleBuffer::default());
+            // Nothing is forwarded before every entry is judged.
+            ctx.require_whole_exchange();
             return Ok(Decision::Continue);
         }
         if form {
@@ -256,10 +258,15 @@ impl Filter for SmartScopesFilter {
                     form: true,
                 },
             );
+            ctx.require_whole_exchange();
             return Ok(Decision::Continue);
         }
         match judge(principal, class, false) {
             Ok(grant) => {
+                if !grant.response_checks.is_empty() {
+                    // The response is judged whole, before anything of it is released.
+                    ctx.require_whole_exchange();
+                }
                 let _ = ctx.facts.insert("smart_scopes", grant);
                 Ok(Decision::Continue)
             }
@@ -284,6 +291,11 @@ impl Filter for SmartScopesFilter {
         let json = crate::builtin::body::is_json(resp);
         let encoded = crate::builtin::body::is_encoded(resp);
         if !json || encoded {
+            ctx.refuse_response(LocalReply::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream response cannot be checked against the granted scope",
+            ));
             return Err(crate::FilterError {
                 filter: "smart_scopes",
                 message: "a response under a restricted scope that cannot be checked".into(),
@@ -326,6 +338,11 @@ impl Filter for SmartScopesFilter {
         }
         if !crate::builtin::body::hold(&mut buf.body, chunk, MAX_BUNDLE_BYTES) {
             buf.active = false;
+            ctx.refuse_response(LocalReply::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream response is too large to check against the granted scope",
+            ));
             return Err(crate::FilterError {
                 filter: "smart_scopes",
                 message: "a restricted response too large to check; exchange aborted".into(),
@@ -355,9 +372,14 @@ impl Filter for SmartScopesFilter {
             })
             .unwrap_or(false);
         if !ok {
+            if let Decision::Respond(reply) =
+                denied("the resource falls outside the granted (restricted) scope")
+            {
+                ctx.refuse_response(reply);
+            }
             return Err(crate::FilterError {
                 filter: "smart_scopes",
-                message: "the response falls outside the restricted scope; exchange aborted".into(),
+                message: "the response falls outside the restricted scope; refused".into(),
             });
         }
         *chunk = Some(bytes::Bytes::from(body));

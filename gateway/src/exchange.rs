@@ -1,0 +1,403 @@
+//! Whole exchanges (DESIGN.md, "whole-exchange checks").
+//!
+//! Pingora releases the response header downstream before any body hook runs, so a check that
+//! needs a whole body can, in the streaming path, only abort a connection after a `200` went out.
+//! When a filter asks for a whole exchange ([`RequestCtx::require_whole_exchange`]) the gateway
+//! does the upstream exchange itself, through Pingora's HTTP connector, from `request_filter`:
+//!
+//! 1. it reads the whole request body (bounded by `server.max_exchange_body_bytes`);
+//! 2. it runs a pre-read of the stored resource when a filter asked for one, and the filters'
+//!    pre-read hooks on its answer;
+//! 3. it runs the request body hooks once on the whole body — nothing went upstream yet, so a
+//!    refused Bundle entry or write never reaches the backend;
+//! 4. it sends the request (same backend choice, zone order and retry rules as the streaming
+//!    path) and reads the whole response (bounded);
+//! 5. it runs the response hooks on the header and the whole body; a refusal becomes a clean
+//!    local reply (`404 not_found` for data outside the caller's compartment, ...);
+//! 6. only then does it write the response downstream, with an exact `Content-Length`.
+//!
+//! [`RequestCtx::require_whole_exchange`]: caregate_filters::RequestCtx::require_whole_exchange
+
+use crate::metrics;
+use crate::proxy::{count_decision, request_has_body, set_request_id, Ctx, Gateway};
+use bytes::{Bytes, BytesMut};
+use caregate_filters::{Decision, LocalReply, Mode, Stored};
+use http::{header, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::Session;
+use pingora::protocols::http::client::HttpSession;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::time::Instant;
+
+/// Hop-by-hop headers: they describe the client's connection, not the request.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
+/// What one upstream exchange returned.
+pub(crate) struct Exchanged {
+    pub header: ResponseHeader,
+    pub body: Bytes,
+}
+
+enum Read {
+    Whole(Bytes),
+    TooLarge,
+}
+
+impl Gateway {
+    /// Run the request as a whole exchange and answer the client. `Err` goes to `fail_to_proxy`
+    /// (which answers when nothing was written yet).
+    pub(crate) async fn whole_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route");
+        };
+        let ran = ctx.filters_ran.min(route.filters.len());
+
+        // 1. The whole request body.
+        let body = match read_request(session, self.max_exchange_body).await? {
+            Read::Whole(b) => b,
+            Read::TooLarge => {
+                Self::record_gateway_denial(ctx, "payload_too_large");
+                let reply = LocalReply::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is larger than this route checks",
+                );
+                return self.send_reply(session, ctx, reply).await;
+            }
+        };
+
+        // 2. The pre-read of the stored resource, if a filter asked for one.
+        if let Some(pre) = ctx.req.preread().cloned() {
+            let stored = self.preread(session, ctx, &pre.path).await?;
+            for f in route.filters[..ran].iter() {
+                let mode = f.mode();
+                if mode == Mode::Off {
+                    continue;
+                }
+                match f.preread_filter(&stored, &mut ctx.req) {
+                    Ok(Decision::Continue) => {}
+                    Ok(Decision::Respond(reply)) => {
+                        if reply.is_denial() && mode == Mode::Shadow {
+                            count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
+                            continue;
+                        }
+                        count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
+                        return self.send_reply(session, ctx, reply).await;
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "request {}: filter {} failed on a pre-read: {e}",
+                            ctx.req.request_id,
+                            f.kind()
+                        );
+                        count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
+                        return self.send_reply(session, ctx, internal_error()).await;
+                    }
+                }
+            }
+        }
+
+        // 3. The request body hooks, once, on the whole body: nothing went upstream yet.
+        let had_body = !body.is_empty() || request_has_body(session);
+        let mut chunk = (!body.is_empty()).then_some(body);
+        for f in route.filters[..ran].iter() {
+            let mode = f.mode();
+            if mode == Mode::Off {
+                continue;
+            }
+            match f.request_body_filter(&mut chunk, true, &mut ctx.req) {
+                Ok(Decision::Continue) => {}
+                Ok(Decision::Respond(reply)) => {
+                    if reply.is_denial() && mode == Mode::Shadow {
+                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
+                        continue;
+                    }
+                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
+                    return self.send_reply(session, ctx, reply).await;
+                }
+                Err(e) => {
+                    log::error!(
+                        "request {}: filter {} failed on the request body: {e}",
+                        ctx.req.request_id,
+                        f.kind()
+                    );
+                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
+                    return self.send_reply(session, ctx, internal_error()).await;
+                }
+            }
+        }
+        let body = chunk.unwrap_or_default();
+
+        // 4. The exchange.
+        let mut up = session.req_header().clone();
+        for h in HOP_BY_HOP {
+            up.remove_header(h);
+        }
+        up.remove_header(&header::TRANSFER_ENCODING);
+        up.remove_header(&header::CONTENT_LENGTH);
+        if had_body || !body.is_empty() {
+            up.insert_header(header::CONTENT_LENGTH, body.len())?;
+        }
+        self.prepare_upstream_request(&mut up, ctx).await?;
+        let Exchanged {
+            header: mut resp,
+            body: rbody,
+        } = self.exchange(ctx, &up, &body).await?;
+
+        // 5. The response hooks, on the header and on the whole body.
+        let mut out = Some(rbody);
+        let mut refused: Option<&'static str> = None;
+        for f in route.filters[..ran].iter().rev() {
+            if f.mode() == Mode::Off {
+                continue;
+            }
+            if let Err(e) = f.response_filter(&mut resp, &mut ctx.req) {
+                log::warn!("request {}: {e}", ctx.req.request_id);
+                refused = Some(f.kind());
+                break;
+            }
+        }
+        if refused.is_none() {
+            for f in route.filters[..ran].iter().rev() {
+                if f.mode() == Mode::Off {
+                    continue;
+                }
+                if let Err(e) = f.response_body_filter(&mut out, true, &mut ctx.req) {
+                    log::warn!("request {}: {e}", ctx.req.request_id);
+                    refused = Some(f.kind());
+                    break;
+                }
+            }
+        }
+        if let Some(kind) = refused {
+            // Nothing was released: the refusal is a clean reply.
+            let reply = ctx.req.take_response_refusal().unwrap_or_else(|| {
+                LocalReply::error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "the upstream response could not be processed",
+                )
+            });
+            count_decision(kind, "deny", reply.reason, &mut ctx.req);
+            return self.send_reply(session, ctx, reply).await;
+        }
+
+        // 6. The response, whole.
+        let body = out.unwrap_or_default();
+        let status = resp.status.as_u16();
+        let head = session.req_header().method == http::Method::HEAD;
+        resp.remove_header(&header::TRANSFER_ENCODING);
+        for h in HOP_BY_HOP {
+            resp.remove_header(h);
+        }
+        if !(head || status == 204 || status == 304 || (100..200).contains(&status)) {
+            resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        }
+        set_request_id(&mut resp, &ctx.req.request_id);
+        let empty = head || body.is_empty();
+        session.write_response_header(Box::new(resp), empty).await?;
+        if !empty {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    /// Read `path` (below the route prefix) from the request's upstream, with the verified
+    /// identity of the request: the stored state a filter judges a change against.
+    async fn preread(&self, session: &Session, ctx: &mut Ctx, path: &str) -> Result<Stored> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route");
+        };
+        let full = if route.path_prefix == "/" {
+            path.to_string()
+        } else {
+            format!("{}{path}", route.path_prefix)
+        };
+        let mut req = RequestHeader::build("GET", full.as_bytes(), Some(8))?;
+        if let Some(h) = session.req_header().headers.get(header::HOST) {
+            req.insert_header(header::HOST, h.clone())?;
+        }
+        req.insert_header(header::ACCEPT, "application/fhir+json")?;
+        self.prepare_upstream_request(&mut req, ctx).await?;
+        // The pre-read's answer is read as sent: no content coding.
+        req.remove_header(&header::ACCEPT_ENCODING);
+        req.remove_header(&header::IF_MATCH);
+        req.remove_header(&header::IF_NONE_MATCH);
+        let got = self.exchange(ctx, &req, &Bytes::new()).await?;
+        Ok(Stored {
+            status: got.header.status.as_u16(),
+            etag: got
+                .header
+                .headers
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: got.body,
+        })
+    }
+
+    /// One upstream exchange with the streaming path's backend choice and retry rules: a failed
+    /// connect goes to another backend; a connection that broke goes to another backend only
+    /// for an idempotent method or a reused (possibly stale) connection; timeouts are not
+    /// retried. The response body is read whole, bounded.
+    pub(crate) async fn exchange(
+        &self,
+        ctx: &mut Ctx,
+        req: &RequestHeader,
+        body: &Bytes,
+    ) -> Result<Exchanged> {
+        let idempotent = req.method.is_idempotent();
+        loop {
+            let peer = self.select_peer(ctx)?;
+            let (mut http, reused) = match self.connector.get_http_session(&*peer).await {
+                Ok(x) => x,
+                Err(e) => {
+                    let e = e.into_up();
+                    if self.note_failure(ctx, "connect", true) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            ctx.connected_at = Some(Instant::now());
+            match send(&mut http, req, body, self.max_exchange_body).await {
+                Ok(Some(got)) => {
+                    self.observe_upstream(ctx);
+                    let idle = peer.options.idle_timeout;
+                    self.connector
+                        .release_http_session(http, &*peer, idle)
+                        .await;
+                    return Ok(got);
+                }
+                Ok(None) => {
+                    http.shutdown().await;
+                    self.observe_upstream(ctx);
+                    ctx.pending = Some(LocalReply::error(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "the upstream response is larger than this route checks",
+                    ));
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(502),
+                        "upstream response over max_exchange_body_bytes",
+                    );
+                }
+                Err(e) => {
+                    http.shutdown().await;
+                    let broken = e.esource() == &ErrorSource::Upstream
+                        && matches!(
+                            e.etype(),
+                            ErrorType::ConnectionClosed
+                                | ErrorType::ReadError
+                                | ErrorType::WriteError
+                        );
+                    if self.note_failure(ctx, "proxy", broken && (idempotent || reused)) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Record a failed attempt; whether another one may go out.
+    fn note_failure(&self, ctx: &mut Ctx, phase: &'static str, retryable: bool) -> bool {
+        let Some((zone, addr)) = ctx.current.take() else {
+            return false;
+        };
+        ctx.tried.push(addr);
+        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
+            return false;
+        };
+        let again =
+            retryable && ctx.attempts < pool.max_attempts && pool.pick(&ctx.tried).is_some();
+        if again {
+            let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+            metrics::RETRIES
+                .with_label_values(&[&*pool.name, zone_name, phase])
+                .inc();
+        }
+        again
+    }
+
+    fn observe_upstream(&self, ctx: &mut Ctx) {
+        if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
+            if let Some(pool) = self.pools.get(p) {
+                let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+                let secs = at.elapsed().as_secs_f64();
+                ctx.upstream_ms = Some(secs * 1000.0);
+                metrics::UPSTREAM_DURATION
+                    .with_label_values(&[&*pool.name, zone_name])
+                    .observe(secs);
+            }
+        }
+    }
+}
+
+fn internal_error() -> LocalReply {
+    LocalReply::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the gateway failed to process the request",
+    )
+}
+
+/// The whole request body, or `TooLarge` once it passes `max` (the rest is left unread; the
+/// connection is not reused after the reply).
+async fn read_request(session: &mut Session, max: usize) -> Result<Read> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if buf.len() + chunk.len() > max {
+            session.set_keepalive(None);
+            return Ok(Read::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Read::Whole(buf.freeze()))
+}
+
+/// Send a request and read the whole response; `None` when the body passes `max`.
+async fn send(
+    http: &mut HttpSession,
+    req: &RequestHeader,
+    body: &Bytes,
+    max: usize,
+) -> Result<Option<Exchanged>> {
+    http.write_request_header(Box::new(req.clone())).await?;
+    if !body.is_empty() {
+        http.write_request_body(body.clone(), true).await?;
+    }
+    http.finish_request_body().await?;
+    // 1xx interim responses (100 Continue, 103 Early Hints) are skipped.
+    let header = loop {
+        http.read_response_header().await?;
+        let Some(h) = http.response_header() else {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header");
+        };
+        if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        break h.clone();
+    };
+    let mut buf = BytesMut::new();
+    if req.method != http::Method::HEAD {
+        while let Some(chunk) = http.read_response_body().await? {
+            if buf.len() + chunk.len() > max {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok(Some(Exchanged {
+        header,
+        body: buf.freeze(),
+    }))
+}

@@ -232,6 +232,10 @@ impl Gateway {
         req.remove_header(&header::IF_MATCH);
         req.remove_header(&header::IF_NONE_MATCH);
         let got = self.exchange(ctx, &req, &Bytes::new()).await?;
+        // The request itself gets the whole attempt budget and starts again at the first zone.
+        ctx.attempts = 0;
+        ctx.tried.clear();
+        ctx.max_zone_tried = None;
         Ok(Stored {
             status: got.header.status.as_u16(),
             etag: got
@@ -267,6 +271,9 @@ impl Gateway {
                     return Err(e);
                 }
             };
+            // Pingora's proxy sets these itself for its own sessions; the connector does not.
+            http.set_read_timeout(peer.options.read_timeout);
+            http.set_write_timeout(peer.options.write_timeout);
             ctx.connected_at = Some(Instant::now());
             match send(&mut http, req, body, self.max_exchange_body).await {
                 Ok(Some(got)) => {
@@ -291,6 +298,8 @@ impl Gateway {
                     );
                 }
                 Err(e) => {
+                    // The client session leaves the source unset: everything here is upstream.
+                    let e = e.into_up();
                     http.shutdown().await;
                     let broken = e.esource() == &ErrorSource::Upstream
                         && matches!(

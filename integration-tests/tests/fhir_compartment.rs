@@ -161,6 +161,14 @@ routes:
         ("GET", format!("/fhir/Observation?subject=Patient/{b}"), String::new()),
         ("GET", format!("/fhir/Observation?patient={a},{b}"), String::new()),
         ("GET", format!("/fhir/Patient/$export?patient={a}"), String::new()),
+        ("GET", "/fhir/$export".to_string(), String::new()),
+        ("GET", "/fhir/Group/1/$export".to_string(), String::new()),
+        ("GET", "/fhir?_type=Patient".to_string(), String::new()),
+        ("GET", "/fhir/_history".to_string(), String::new()),
+        ("GET", "/fhir/Observation/_history".to_string(), String::new()),
+        ("PUT", format!("/fhir/Observation?patient={b}"), json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{a}")}}).to_string()),
+        ("DELETE", format!("/fhir/Observation?patient={b}"), String::new()),
+        ("PUT", format!("/fhir/Patient/{b}"), json!({"resourceType": "Patient", "id": b}).to_string()),
         ("GET", "/fhir/Observation?subject.name=Smith".to_string(), String::new()),
         ("GET", "/fhir/Patient?_has:Observation:patient:code=8302-2".to_string(), String::new()),
         ("GET", format!("/fhir/Patient/{b}/$everything"), String::new()),
@@ -198,9 +206,43 @@ routes:
         "{v}"
     );
     assert!(!r.text().contains(&b));
-    let batch_b = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": format!("/Patient/{b}")}}]});
-    let r = call("POST", "/fhir", batch_b.to_string().as_bytes()).unwrap();
-    assert_eq!(r.status, 403);
+    // Foreign GET, DELETE and PUT entries, a conditional entry, and a nested Bundle: each refuses
+    // its Bundle, named by index, and nothing of it is forwarded.
+    for (entry, body_entry) in [
+        (
+            "GET B",
+            json!({"request": {"method": "GET", "url": format!("/Patient/{b}")}}),
+        ),
+        (
+            "DELETE B's observation",
+            json!({"request": {"method": "DELETE", "url": format!("Observation/{b_obs}")}}),
+        ),
+        (
+            "PUT over B's observation",
+            json!({"resource": {"resourceType": "Observation", "id": b_obs, "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{a}")}},
+            "request": {"method": "PUT", "url": format!("Observation/{b_obs}")}}),
+        ),
+        (
+            "conditional delete",
+            json!({"request": {"method": "DELETE", "url": format!("Observation?patient={b}")}}),
+        ),
+        (
+            "nested Bundle",
+            json!({"resource": {"resourceType": "Bundle", "type": "transaction"}, "request": {"method": "POST", "url": "/"}}),
+        ),
+    ] {
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": format!("Patient/{a}")}}, body_entry]});
+        let r = call("POST", "/fhir", batch.to_string().as_bytes()).unwrap();
+        assert_eq!(r.status, 403, "{entry}: {}", r.text());
+        let text = r.json()["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(text.starts_with("entry 1:"), "{entry}: {text}");
+        assert!(!r.text().contains(&b), "{entry}");
+    }
+    assert_eq!(get(s, &format!("/fhir/Observation/{b_obs}")).status, 200);
     // A's own transaction goes through.
     let own_tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "w"}, "subject": {"reference": format!("Patient/{a}")}},
@@ -565,6 +607,32 @@ routes:
     );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["resourceType"], "OperationOutcome");
+
+    // Every refusal is in the audit trail with its outcome: the 403s before anything went
+    // upstream (denied records), the 404s after the backend answered (completion records).
+    let audit = dir.0.join("audit.jsonl");
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("record").cloned())
+            .collect()
+    };
+    wait_until("audited refusals", Duration::from_secs(10), || {
+        let rs = records();
+        let has = |phase: &str, status: u64, reason: &str| {
+            rs.iter().any(|r| {
+                r["phase"] == phase
+                    && r["outcome"]["status"] == status
+                    && r["outcome"]["reason"] == reason
+                    && r["action"]["patient"] == a.as_str()
+            })
+        };
+        has("denied", 403, "patient_compartment")
+            && has("completion", 404, "not_found")
+            && has("denied", 403, "insufficient_scope")
+    });
 }
 
 fn staff_token(role: &str) -> String {

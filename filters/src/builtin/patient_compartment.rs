@@ -688,14 +688,17 @@ impl Filter for PatientCompartmentFilter {
             });
         }
         if st.bundle {
-            let entries = match crate::builtin::bundle_entries::entries(&body) {
+            let parsed = crate::builtin::bundle_entries::entries(&body);
+            let entries = match parsed {
                 Ok(e) => e,
                 Err(why) => {
+                    // Put back whatever the verdict: a shadowed refusal forwards the body whole.
+                    *chunk = Some(Bytes::from(body));
                     return Ok(Decision::Respond(LocalReply::error(
                         StatusCode::FORBIDDEN,
                         "patient_compartment",
                         why,
-                    )))
+                    )));
                 }
             };
             for e in &entries {
@@ -745,12 +748,12 @@ impl Filter for PatientCompartmentFilter {
                     && resource_in_compartment(&v, &st.patient)
             })
             .unwrap_or(false);
+        *chunk = Some(Bytes::from(body));
         if !ok {
             return Ok(refuse(
                 "the resource must reference the caller's patient and no other",
             ));
         }
-        *chunk = Some(Bytes::from(body));
         Ok(Decision::Continue)
     }
 

@@ -450,7 +450,11 @@ impl Filter for SmartScopesFilter {
                 Err(why) => Ok(denied(why)),
             };
         }
-        let entries = match crate::builtin::bundle_entries::entries(&body) {
+        // The held Bundle is put back as the body chunk whatever the verdict, so that a shadowed
+        // refusal forwards it whole.
+        let parsed = crate::builtin::bundle_entries::entries(&body);
+        *chunk = Some(bytes::Bytes::from(body));
+        let entries = match parsed {
             Ok(e) => e,
             Err(why) => {
                 return Ok(Decision::Respond(
@@ -486,7 +490,6 @@ impl Filter for SmartScopesFilter {
                 ));
             }
         }
-        *chunk = Some(bytes::Bytes::from(body));
         Ok(Decision::Continue)
     }
 }

@@ -246,7 +246,7 @@ backend be
 """
 
 
-def caregate_conf(d, name, port, admin, origin, kind, routes=10, tenants=1, cache_entries=100000, audit=True):
+def caregate_conf(d, name, port, admin, origin, kind, routes=10, tenants=1, cache_entries=100000, audit=True, compartment=False):
     head = f"""
 server: {{ threads: 1, work_stealing: false, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, downstream_keepalive_seconds: 300 }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
@@ -289,7 +289,7 @@ routes:
             f'audit: {{ path: "{d}/{name}-audit.jsonl", hmac_key: "load-harness-audit-key-0123456789abcdef0123" }}' if audit else "",
             "auth:",
             "  issuers:",
-            f'    - {{ name: staff, issuer: "{ISSUER}", jwks_file: "{d}/jwks.json", algorithms: [RS256], audiences: [{AUDIENCE}], claims: {{ tenant: tenant, roles: roles }} }}',
+            f'    - {{ name: staff, issuer: "{ISSUER}", jwks_file: "{d}/jwks.json", algorithms: [RS256], audiences: [{AUDIENCE}], claims: {{ tenant: tenant, roles: roles{", patient: patient" if compartment else ""} }} }}',
             f"  token_cache: {{ max_entries: {cache_entries}, max_bytes: 67108864 }}",
             "tenants:",
         ]
@@ -319,6 +319,10 @@ routes:
                 lines.append("      - { kind: tenant, config: { resolve: [host] } }")
                 if r == 0:
                     lines.append("      - { kind: smart_scopes }")
+                    if compartment:
+                        # A patient-context caller: every read is a whole exchange whose
+                        # response is checked for the compartment before it is released.
+                        lines.append("      - { kind: patient_compartment }")
         body = "\n".join(lines) + "\n"
     else:
         raise ValueError(kind)
@@ -492,7 +496,7 @@ def main():
         shutil.copy(DATA / "patient.json", d / "www" / "patient.json")
         shutil.copy(DATA / "searchset-70k.json", d / "www" / "searchset-70k.json")
         log("minting RS256 tokens (node crypto)...")
-        subprocess.run(["taskset", "-c", "0", "node", str(HERE / "mint-tokens.mjs"), str(d), "10000"], check=True)
+        subprocess.run(["taskset", "-c", "0", "node", str(HERE / "mint-tokens.mjs"), str(d), "10000"], check=True, env={**os.environ, "BENCH_PATIENT": PATIENT_ID})
         all_tokens = (d / "tokens-10000.txt").read_text().split()
         tokens = {10000: d / "tokens-10000.txt"}
         for n in (1, 1000):  # the first n of the same tokens, so one priming pass warms every set
@@ -521,6 +525,7 @@ def main():
             "caregate-chain-nocache": dict(kind="chain", cache_entries=0),
             "caregate-chain-noaudit": dict(kind="chain", audit=False),
             "caregate-chain-scale": dict(kind="chain", routes=1000, tenants=100),
+            "caregate-chain-compartment": dict(kind="chain", compartment=True),
             "caregate-mask": dict(kind="mask"),
         }
         for name, kw in caregates.items():
@@ -551,6 +556,7 @@ def main():
             ("jwt", "caregate-chain-1token", "caregate-chain", PATIENT_PATH, TENANT_HOST, tokens[1]),
             ("jwt", "caregate-chain-10k-tokens", "caregate-chain", PATIENT_PATH, TENANT_HOST, tokens[10000]),
             ("jwt", "caregate-chain-1000-routes", "caregate-chain-scale", PATIENT_PATH, TENANT_HOST, tokens[1000]),
+            ("jwt", "caregate-chain-compartment", "caregate-chain-compartment", PATIENT_PATH, TENANT_HOST, tokens[1000]),
             ("search70k", "nginx", "nginx", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate", "caregate", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate-mask", "caregate-mask", SEARCH_PATH, "localhost", None),
@@ -559,7 +565,7 @@ def main():
         preflight(suts, one_token)
         # Clients reuse a token many times within its lifetime: every token has been seen once
         # before the measured runs, as a gateway in service would have seen it.
-        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale"):
+        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment"):
             prime(suts[name].port, all_tokens)
 
         for rnd in range(rounds):
@@ -607,7 +613,7 @@ def preflight(suts, token):
         status, body, _ = http_get(suts[name].port, PATIENT_PATH)
         if status != 200 or body != patient:
             raise HarnessError(f"preflight {name}: {status}, {len(body)} bytes")
-    for name in ("haproxy-jwt", "caregate-chain", "caregate-chain-nocache", "caregate-chain-noaudit", "caregate-chain-scale"):
+    for name in ("haproxy-jwt", "caregate-chain", "caregate-chain-nocache", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment"):
         port = suts[name].port
         status, body, _ = http_get(port, PATIENT_PATH, {"Host": TENANT_HOST, "Authorization": f"Bearer {token}"})
         if status != 200 or body != patient:
@@ -619,6 +625,10 @@ def preflight(suts, token):
         status, _, _ = http_get(port, PATIENT_PATH, {"Host": TENANT_HOST, "Authorization": f"Bearer {forged}"})
         if status != 401:
             raise HarnessError(f"preflight {name} with a bad signature: {status}, expected 401")
+    # The compartment gateway refuses another patient's record (the origin would serve it).
+    status, _, _ = http_get(suts["caregate-chain-compartment"].port, "/fhir/Patient/someone-else", {"Host": TENANT_HOST, "Authorization": f"Bearer {token}"})
+    if status != 403:
+        raise HarnessError(f"preflight caregate-chain-compartment, another patient: {status}, expected 403")
     status, body, _ = http_get(suts["caregate-mask"].port, SEARCH_PATH)
     doc = json.loads(body)
     masked = [e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "Patient"]
@@ -720,12 +730,14 @@ def report(results):
         ("full chain, no token cache / with cache (throughput)", ratio(per_round("jwt", "caregate-chain-nocache"), per_round("jwt", "caregate-chain")), ""),
         ("1,000 routes + 100 tenants / 10 routes + 1 tenant", ratio(per_round("jwt", "caregate-chain-1000-routes"), per_round("jwt", "caregate-chain")), ">= 0.95"),
         ("10,000 live tokens / one token", ratio(per_round("jwt", "caregate-chain-10k-tokens"), per_round("jwt", "caregate-chain-1token")), ">= 0.9"),
+        ("patient-context read (whole exchange + compartment check) / full chain, throughput", ratio(per_round("jwt", "caregate-chain-compartment"), per_round("jwt", "caregate-chain")), ""),
         ("70 KB searchset: masking / caregate passthrough", ratio(per_round("search70k", "caregate-mask"), per_round("search70k", "caregate")), ""),
         ("70 KB searchset: caregate / nginx", ratio(per_round("search70k", "caregate"), per_round("search70k", "nginx")), ""),
     ]
     miss = diff(per_round("jwt", "caregate-chain-nocache", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
     audit_cost = diff(per_round("jwt", "caregate-chain", "cpu_us_per_req"), per_round("jwt", "caregate-chain-noaudit", "cpu_us_per_req"))
     mask_cost = diff(per_round("search70k", "caregate-mask", "cpu_us_per_req"), per_round("search70k", "caregate", "cpu_us_per_req"))
+    compartment_cost = diff(per_round("jwt", "caregate-chain-compartment", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
     print("\n## Ratios (per round, median [min-max])\n")
     print("| ratio | value | target |")
     print("|---|---|---|")
@@ -736,6 +748,7 @@ def report(results):
     print(f"| token cache miss: extra CPU-us per request | {fmt_spread(miss, '', 1)} | (reported) |")
     print(f"| durable audit trail: extra CPU-us per request | {fmt_spread(audit_cost, '', 1)} | (reported) |")
     print(f"| masking: extra CPU-us per 70 KB response | {fmt_spread(mask_cost, '', 1)} | (reported) |")
+    print(f"| patient compartment (whole exchange): extra CPU-us per read | {fmt_spread(compartment_cost, '', 1)} | (reported) |")
 
     mem = results["memory"]
     if "caregate" in mem and "nginx" in mem and mem["nginx"]["rss_kib"]:

@@ -1,6 +1,8 @@
 // Makes the RS256 key, its JWKS and public PEM, and N distinct tokens for the load harness, with
 // Node's built-in crypto (OpenSSL underneath): `node mint-tokens.mjs <dir> <count>...`.
 // Writes <dir>/jwt-pub.pem, <dir>/jwks.json and <dir>/tokens-<count>.txt for each count.
+// With BENCH_PATIENT set, every token also carries that `patient` claim (a patient context, for
+// the gateways whose issuer maps it).
 import { generateKeyPairSync, sign, verify } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -32,6 +34,7 @@ function token(i) {
     scope: "user/*.rs",
     roles: ["clinician"],
     tenant: "st-mary",
+    ...(process.env.BENCH_PATIENT ? { patient: process.env.BENCH_PATIENT } : {}),
   };
   const input = `${header}.${b64u(JSON.stringify(claims))}`;
   return `${input}.${b64u(sign("sha256", Buffer.from(input), privateKey))}`;

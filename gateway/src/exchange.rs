@@ -60,7 +60,22 @@ impl Gateway {
         };
         let ran = ctx.filters_ran.min(route.filters.len());
 
-        // 1. The whole request body.
+        // 1. The whole request body. A client that waits for `100 Continue` before sending it
+        // gets one now: every request hook has passed.
+        let expects_continue = {
+            let req = session.req_header();
+            req.version == http::Version::HTTP_11
+                && req
+                    .headers
+                    .get(header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        };
+        if expects_continue {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+        }
         let body = match read_request(session, self.max_exchange_body).await? {
             Read::Whole(b) => b,
             Read::TooLarge => {

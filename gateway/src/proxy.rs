@@ -728,6 +728,15 @@ impl Gateway {
     }
 }
 
+/// Whether a final (non-1xx) response header went downstream: after a `100 Continue` an error
+/// reply can still be written.
+pub(crate) fn final_response_written(session: &Session) -> bool {
+    session
+        .response_written()
+        .map(|r| !r.status.is_informational())
+        .unwrap_or(false)
+}
+
 pub(crate) fn request_has_body(session: &Session) -> bool {
     let h = &session.req_header().headers;
     if h.contains_key(header::TRANSFER_ENCODING) {
@@ -1017,7 +1026,7 @@ impl ProxyHttp for Gateway {
             .unwrap_or(false);
         if !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
-            || session.response_written().is_some()
+            || final_response_written(session)
             || !attempts_left
         {
             e.set_retry(false);
@@ -1136,7 +1145,7 @@ impl ProxyHttp for Gateway {
             Some(reply) => {
                 let code = reply.status.as_u16();
                 ctx.error_reason = Some(reply.reason);
-                if session.response_written().is_none() {
+                if !final_response_written(session) {
                     if let Err(we) = self.send_reply(session, ctx, reply).await {
                         log::warn!(
                             "request {}: could not send the error reply: {we}",
@@ -1168,6 +1177,7 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Box<Ctx>) {
         let status = session
             .response_written()
+            .filter(|r| !r.status.is_informational())
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let route = ctx.req.route.as_deref().unwrap_or("none");

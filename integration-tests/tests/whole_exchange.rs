@@ -663,6 +663,41 @@ fn a_patient_caller_gets_whole_checked_exchanges_and_clean_refusals() {
     assert_eq!(fwd.header("content-length"), Some(&*body.len().to_string()));
     assert!(!fwd.has_header("transfer-encoding"));
     assert_eq!(fwd.header("x-caregate-patient"), Some("pat-a"));
+
+    // A client that sends `Expect: 100-continue` and waits gets its `100 Continue` from the
+    // gateway (the body is read before anything goes upstream), then the final answer.
+    let mut s = TcpStream::connect_timeout(&p, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "POST /fhir/Observation HTTP/1.1\r\nHost: {p}\r\nAuthorization: {auth}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(body.as_bytes()).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.starts_with(b"HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    let fwd = backend.seen().last().unwrap().clone();
+    assert_eq!(fwd.body, body.as_bytes());
+    assert!(
+        !fwd.has_header("expect"),
+        "the gateway answered the expectation itself"
+    );
 }
 
 #[test]

@@ -81,6 +81,11 @@ pub struct ServerSettings {
     /// the patient compartment's response check) and a pre-read of a stored resource.
     #[serde(default = "default_max_exchange_body")]
     pub max_exchange_body_bytes: usize,
+    /// Bound on the bodies all whole exchanges of the process hold at once. A whole exchange
+    /// that would pass it is answered `503 overloaded` (`Retry-After: 1`) instead of growing the
+    /// gateway's memory without bound under many concurrent large checks.
+    #[serde(default = "default_max_exchange_memory")]
+    pub max_exchange_memory_bytes: usize,
 }
 
 impl Default for ServerSettings {
@@ -95,6 +100,7 @@ impl Default for ServerSettings {
             downstream_read_buffer_bytes: default_read_buffer(),
             work_stealing: default_work_stealing(),
             max_exchange_body_bytes: default_max_exchange_body(),
+            max_exchange_memory_bytes: default_max_exchange_memory(),
         }
     }
 }
@@ -122,6 +128,9 @@ fn default_work_stealing() -> bool {
 }
 fn default_max_exchange_body() -> usize {
     16 * 1024 * 1024
+}
+fn default_max_exchange_memory() -> usize {
+    512 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -530,6 +539,9 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
     if c.server.max_exchange_body_bytes == 0 {
         return err("server.max_exchange_body_bytes: must be positive");
     }
+    if c.server.max_exchange_memory_bytes < c.server.max_exchange_body_bytes {
+        return err("server.max_exchange_memory_bytes: must be at least max_exchange_body_bytes");
+    }
     if c.server.threads == 0 {
         return err("server.threads: must be at least 1");
     }
@@ -834,6 +846,24 @@ routes:
         let l = load_str(MINIMAL, PathBuf::from(".")).unwrap();
         assert_eq!(l.config.routes.len(), 1);
         assert_eq!(l.config.server.grace_period_seconds, 5);
+    }
+
+    #[test]
+    fn exchange_bounds_are_checked() {
+        let l = load_str(MINIMAL, PathBuf::from(".")).unwrap();
+        assert_eq!(l.config.server.max_exchange_body_bytes, 16 << 20);
+        assert_eq!(l.config.server.max_exchange_memory_bytes, 512 << 20);
+        let text = format!(
+            "server: {{ max_exchange_body_bytes: 1048576, max_exchange_memory_bytes: 1024 }}\n{MINIMAL}"
+        );
+        let e = load_str(&text, PathBuf::from(".")).err().unwrap().0;
+        assert_eq!(
+            e,
+            "server.max_exchange_memory_bytes: must be at least max_exchange_body_bytes"
+        );
+        let text = format!("server: {{ max_exchange_body_bytes: 0 }}\n{MINIMAL}");
+        let e = load_str(&text, PathBuf::from(".")).err().unwrap().0;
+        assert_eq!(e, "server.max_exchange_body_bytes: must be positive");
     }
 
     #[test]

@@ -27,7 +27,9 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::Session;
 use pingora::protocols::http::client::HttpSession;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Hop-by-hop headers: they describe the client's connection, not the request.
 const HOP_BY_HOP: [&str; 7] = [
@@ -40,6 +42,68 @@ const HOP_BY_HOP: [&str; 7] = [
     "expect",
 ];
 
+/// What all whole exchanges of the process may hold at once, in KiB permits.
+#[derive(Clone)]
+pub struct MemoryBudget(Arc<Semaphore>);
+
+impl MemoryBudget {
+    pub fn new(bytes: usize) -> Self {
+        let kib = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
+        MemoryBudget(Arc::new(Semaphore::new(kib)))
+    }
+
+    /// KiB not held by any exchange right now.
+    pub fn available_kib(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// What one whole exchange holds of the budget; given back when it is dropped.
+pub(crate) struct Held {
+    budget: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn new(budget: &MemoryBudget) -> Self {
+        Held {
+            budget: budget.0.clone(),
+            permit: None,
+        }
+    }
+
+    /// Take `more` bytes (on top of what is held already); false when the budget has not
+    /// got them.
+    fn take(&mut self, more: usize) -> bool {
+        let want = more.div_ceil(1024);
+        let Ok(n) = u32::try_from(want) else {
+            return false;
+        };
+        if n == 0 {
+            return true;
+        }
+        match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => {
+                match &mut self.permit {
+                    Some(held) => held.merge(p),
+                    None => self.permit = Some(p),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn overloaded() -> LocalReply {
+    LocalReply::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "the gateway is checking too many large bodies at once; retry shortly",
+    )
+    .with_header(header::RETRY_AFTER, http::HeaderValue::from_static("1"))
+}
+
 /// What one upstream exchange returned.
 pub(crate) struct Exchanged {
     pub header: ResponseHeader,
@@ -49,6 +113,7 @@ pub(crate) struct Exchanged {
 enum Read {
     Whole(Bytes),
     TooLarge,
+    OverBudget,
 }
 
 impl Gateway {
@@ -76,8 +141,13 @@ impl Gateway {
                 .write_continue_response()
                 .await?;
         }
-        let body = match read_request(session, self.max_exchange_body).await? {
+        let mut held = Held::new(&self.exchange_memory);
+        let body = match read_request(session, self.max_exchange_body, &mut held).await? {
             Read::Whole(b) => b,
+            Read::OverBudget => {
+                Self::record_gateway_denial(ctx, "overloaded");
+                return self.send_reply(session, ctx, overloaded()).await;
+            }
             Read::TooLarge => {
                 Self::record_gateway_denial(ctx, "payload_too_large");
                 let reply = LocalReply::error(
@@ -91,7 +161,7 @@ impl Gateway {
 
         // 2. The pre-read of the stored resource, if a filter asked for one.
         if let Some(pre) = ctx.req.preread().cloned() {
-            let stored = self.preread(session, ctx, &pre.path).await?;
+            let stored = self.preread(session, ctx, &pre.path, &mut held).await?;
             for f in route.filters[..ran].iter() {
                 let mode = f.mode();
                 if mode == Mode::Off {
@@ -165,7 +235,7 @@ impl Gateway {
         let Exchanged {
             header: mut resp,
             body: rbody,
-        } = self.exchange(ctx, &up, &body).await?;
+        } = self.exchange(ctx, &up, &body, &mut held).await?;
 
         // 5. The response hooks, on the header and on the whole body.
         let mut out = Some(rbody);
@@ -227,7 +297,13 @@ impl Gateway {
 
     /// Read `path` (below the route prefix) from the request's upstream, with the verified
     /// identity of the request: the stored state a filter judges a change against.
-    async fn preread(&self, session: &Session, ctx: &mut Ctx, path: &str) -> Result<Stored> {
+    async fn preread(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        path: &str,
+        held: &mut Held,
+    ) -> Result<Stored> {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route");
         };
@@ -246,7 +322,7 @@ impl Gateway {
         req.remove_header(&header::ACCEPT_ENCODING);
         req.remove_header(&header::IF_MATCH);
         req.remove_header(&header::IF_NONE_MATCH);
-        let got = self.exchange(ctx, &req, &Bytes::new()).await?;
+        let got = self.exchange(ctx, &req, &Bytes::new(), held).await?;
         // The request itself gets the whole attempt budget and starts again at the first zone.
         ctx.attempts = 0;
         ctx.tried.clear();
@@ -272,6 +348,7 @@ impl Gateway {
         ctx: &mut Ctx,
         req: &RequestHeader,
         body: &Bytes,
+        held: &mut Held,
     ) -> Result<Exchanged> {
         let idempotent = req.method.is_idempotent();
         loop {
@@ -290,16 +367,25 @@ impl Gateway {
             http.set_read_timeout(peer.options.read_timeout);
             http.set_write_timeout(peer.options.write_timeout);
             ctx.connected_at = Some(Instant::now());
-            match send(&mut http, req, body, self.max_exchange_body).await {
-                Ok(Some(got)) => {
+            match send(&mut http, req, body, self.max_exchange_body, held).await {
+                Ok(Sent::Whole(got)) => {
                     self.observe_upstream(ctx);
                     let idle = peer.options.idle_timeout;
                     self.connector
                         .release_http_session(http, &*peer, idle)
                         .await;
-                    return Ok(got);
+                    return Ok(*got);
                 }
-                Ok(None) => {
+                Ok(Sent::OverBudget) => {
+                    http.shutdown().await;
+                    self.observe_upstream(ctx);
+                    ctx.pending = Some(overloaded());
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "whole exchanges over max_exchange_memory_bytes",
+                    );
+                }
+                Ok(Sent::TooLarge) => {
                     http.shutdown().await;
                     self.observe_upstream(ctx);
                     ctx.pending = Some(LocalReply::error(
@@ -376,25 +462,38 @@ fn internal_error() -> LocalReply {
 
 /// The whole request body, or `TooLarge` once it passes `max` (the rest is left unread; the
 /// connection is not reused after the reply).
-async fn read_request(session: &mut Session, max: usize) -> Result<Read> {
+async fn read_request(session: &mut Session, max: usize, held: &mut Held) -> Result<Read> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if buf.len() + chunk.len() > max {
             session.set_keepalive(None);
             return Ok(Read::TooLarge);
         }
+        if !held.take(chunk.len()) {
+            session.set_keepalive(None);
+            return Ok(Read::OverBudget);
+        }
         buf.extend_from_slice(&chunk);
     }
     Ok(Read::Whole(buf.freeze()))
 }
 
-/// Send a request and read the whole response; `None` when the body passes `max`.
+enum Sent {
+    Whole(Box<Exchanged>),
+    /// The response body passes `max`.
+    TooLarge,
+    /// The memory budget of whole exchanges has not got room for it.
+    OverBudget,
+}
+
+/// Send a request and read the whole response.
 async fn send(
     http: &mut HttpSession,
     req: &RequestHeader,
     body: &Bytes,
     max: usize,
-) -> Result<Option<Exchanged>> {
+    held: &mut Held,
+) -> Result<Sent> {
     http.write_request_header(Box::new(req.clone())).await?;
     if !body.is_empty() {
         http.write_request_body(body.clone(), true).await?;
@@ -415,13 +514,16 @@ async fn send(
     if req.method != http::Method::HEAD {
         while let Some(chunk) = http.read_response_body().await? {
             if buf.len() + chunk.len() > max {
-                return Ok(None);
+                return Ok(Sent::TooLarge);
+            }
+            if !held.take(chunk.len()) {
+                return Ok(Sent::OverBudget);
             }
             buf.extend_from_slice(&chunk);
         }
     }
-    Ok(Some(Exchanged {
+    Ok(Sent::Whole(Box::new(Exchanged {
         header,
         body: buf.freeze(),
-    }))
+    })))
 }

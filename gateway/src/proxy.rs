@@ -41,6 +41,8 @@ pub struct Gateway {
     pub connector: Arc<pingora::connectors::http::Connector>,
     /// `server.max_exchange_body_bytes`.
     pub max_exchange_body: usize,
+    /// What all whole exchanges of the process may hold at once (`server.max_exchange_memory_bytes`).
+    pub exchange_memory: crate::exchange::MemoryBudget,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).

@@ -173,6 +173,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         }
         None => None,
     };
+    let exchange_memory = crate::exchange::MemoryBudget::new(cfg.server.max_exchange_memory_bytes);
     let mut controls = HashMap::new();
     let mut sandbox_handles = Vec::new();
     for s in &cfg.sandboxes {
@@ -282,6 +283,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             otlp: otlp.clone(),
             connector: connector.clone(),
             max_exchange_body: cfg.server.max_exchange_body_bytes,
+            exchange_memory: exchange_memory.clone(),
         };
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let mut endpoint = ListenerConfig::tcp(l.listen.to_string())

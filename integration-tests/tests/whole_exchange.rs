@@ -442,6 +442,17 @@ fn patient_gateway(
     max_attempts: u32,
     read_ms: u64,
 ) -> Gateway {
+    patient_gateway_with(public, admin, backends, max_attempts, read_ms, "")
+}
+
+fn patient_gateway_with(
+    public: u16,
+    admin: u16,
+    backends: &[SocketAddr],
+    max_attempts: u32,
+    read_ms: u64,
+    server_extra: &str,
+) -> Gateway {
     let list = backends
         .iter()
         .map(|b| format!("{{ address: \"{b}\" }}"))
@@ -449,7 +460,7 @@ fn patient_gateway(
         .join(", ");
     let yaml = format!(
         r#"
-server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, max_exchange_body_bytes: {MAX_EXCHANGE} }}
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, max_exchange_body_bytes: {MAX_EXCHANGE}{server_extra} }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 auth:
   issuers:
@@ -1003,4 +1014,83 @@ fn a_whole_exchange_that_timed_out_is_a_504_and_is_not_retried() {
         assert_eq!(good.count(), good_before + 1);
     }
     assert!(landed, "no read reached the stalling backend");
+}
+
+#[test]
+fn whole_exchanges_share_one_memory_budget() {
+    // The budget holds one 50 KB body, not two: while a create with one waits on a stalled
+    // backend, a second large create is refused at once with 503 overloaded; once the first is
+    // over, the budget is free again.
+    let staller = Backend::start(Behaviour::Stall);
+    let (public, admin) = (free_port(), free_port());
+    let gw = patient_gateway_with(
+        public,
+        admin,
+        &[staller.addr],
+        1,
+        1500,
+        &format!(", max_exchange_memory_bytes: {MAX_EXCHANGE}"),
+    );
+    let p = addr(public);
+    let auth = format!(
+        "Bearer {}",
+        patient_token("pat-a", "patient/*.cruds launch/patient")
+    );
+    let create = |kb: usize| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x".repeat(kb * 1024)},
+            "subject": {"reference": "Patient/pat-a"}})
+        .to_string()
+    };
+    let first = {
+        let (auth, body) = (auth.clone(), create(50));
+        std::thread::spawn(move || {
+            call(
+                p,
+                "POST",
+                "/fhir/Observation",
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/fhir+json"),
+                ],
+                body.as_bytes(),
+            )
+        })
+    };
+    wait_until(
+        "the first create is held upstream",
+        Duration::from_secs(10),
+        || staller.count() == 1,
+    );
+    let second = create(20);
+    let r = call(
+        p,
+        "POST",
+        "/fhir/Observation",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/fhir+json"),
+        ],
+        second.as_bytes(),
+    );
+    assert_eq!(r.status, 503, "{}\n{}", r.text(), gw.proc.log());
+    assert_eq!(reason(&r), "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_complete(&r, "over the budget");
+    assert_eq!(staller.count(), 1, "the refused create was forwarded");
+    let r = first.join().unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    // The first exchange gave its share back: the same create now goes upstream (and times out
+    // there in turn).
+    let r = call(
+        p,
+        "POST",
+        "/fhir/Observation",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/fhir+json"),
+        ],
+        second.as_bytes(),
+    );
+    assert_eq!(r.status, 504, "{}\n{}", r.text(), gw.proc.log());
+    assert_eq!(staller.count(), 2);
 }

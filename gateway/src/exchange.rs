@@ -379,6 +379,7 @@ impl Gateway {
                 Ok(Sent::OverBudget) => {
                     http.shutdown().await;
                     self.observe_upstream(ctx);
+                    Self::record_gateway_denial(ctx, "overloaded");
                     ctx.pending = Some(overloaded());
                     return Error::e_explain(
                         ErrorType::HTTPStatus(503),

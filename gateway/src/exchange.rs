@@ -21,7 +21,7 @@
 use crate::metrics;
 use crate::proxy::{count_decision, request_has_body, set_request_id, Ctx, Gateway};
 use bytes::{Bytes, BytesMut};
-use caregate_filters::{Decision, LocalReply, Mode, Stored};
+use caregate_filters::{Decision, Filter, LocalReply, Mode, RequestCtx, Stored};
 use http::{header, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::Session;
@@ -162,62 +162,23 @@ impl Gateway {
         // 2. The pre-read of the stored resource, if a filter asked for one.
         if let Some(pre) = ctx.req.preread().cloned() {
             let stored = self.preread(session, ctx, &pre.path, &mut held).await?;
-            for f in route.filters[..ran].iter() {
-                let mode = f.mode();
-                if mode == Mode::Off {
-                    continue;
-                }
-                match f.preread_filter(&stored, &mut ctx.req) {
-                    Ok(Decision::Continue) => {}
-                    Ok(Decision::Respond(reply)) => {
-                        if reply.is_denial() && mode == Mode::Shadow {
-                            count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
-                            continue;
-                        }
-                        count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
-                        return self.send_reply(session, ctx, reply).await;
-                    }
-                    Err(e) => {
-                        log::error!(
-                            "request {}: filter {} failed on a pre-read: {e}",
-                            ctx.req.request_id,
-                            f.kind()
-                        );
-                        count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
-                        return self.send_reply(session, ctx, internal_error()).await;
-                    }
-                }
+            let refusal = Self::run_decisions(ctx, &route.filters[..ran], "a pre-read", |f, c| {
+                f.preread_filter(&stored, c)
+            });
+            if let Some(reply) = refusal {
+                return self.send_reply(session, ctx, reply).await;
             }
         }
 
         // 3. The request body hooks, once, on the whole body: nothing went upstream yet.
         let had_body = !body.is_empty() || request_has_body(session);
         let mut chunk = (!body.is_empty()).then_some(body);
-        for f in route.filters[..ran].iter() {
-            let mode = f.mode();
-            if mode == Mode::Off {
-                continue;
-            }
-            match f.request_body_filter(&mut chunk, true, &mut ctx.req) {
-                Ok(Decision::Continue) => {}
-                Ok(Decision::Respond(reply)) => {
-                    if reply.is_denial() && mode == Mode::Shadow {
-                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
-                        continue;
-                    }
-                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
-                    return self.send_reply(session, ctx, reply).await;
-                }
-                Err(e) => {
-                    log::error!(
-                        "request {}: filter {} failed on the request body: {e}",
-                        ctx.req.request_id,
-                        f.kind()
-                    );
-                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
-                    return self.send_reply(session, ctx, internal_error()).await;
-                }
-            }
+        let refusal =
+            Self::run_decisions(ctx, &route.filters[..ran], "the request body", |f, c| {
+                f.request_body_filter(&mut chunk, true, c)
+            });
+        if let Some(reply) = refusal {
+            return self.send_reply(session, ctx, reply).await;
         }
         let body = chunk.unwrap_or_default();
 
@@ -293,6 +254,43 @@ impl Gateway {
             session.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+
+    /// Run one request-side hook of every filter that ran, in chain order, with the modes applied;
+    /// the reply of the first enforced refusal (or failure), if any.
+    fn run_decisions(
+        ctx: &mut Ctx,
+        filters: &[Arc<dyn Filter>],
+        what: &str,
+        mut hook: impl FnMut(&dyn Filter, &mut RequestCtx) -> caregate_filters::Result<Decision>,
+    ) -> Option<LocalReply> {
+        for f in filters {
+            let mode = f.mode();
+            if mode == Mode::Off {
+                continue;
+            }
+            match hook(f.as_ref(), &mut ctx.req) {
+                Ok(Decision::Continue) => {}
+                Ok(Decision::Respond(reply)) => {
+                    if reply.is_denial() && mode == Mode::Shadow {
+                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
+                        continue;
+                    }
+                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
+                    return Some(reply);
+                }
+                Err(e) => {
+                    log::error!(
+                        "request {}: filter {} failed on {what}: {e}",
+                        ctx.req.request_id,
+                        f.kind()
+                    );
+                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
+                    return Some(internal_error());
+                }
+            }
+        }
+        None
     }
 
     /// Read `path` (below the route prefix) from the request's upstream, with the verified
@@ -439,7 +437,7 @@ impl Gateway {
         again
     }
 
-    fn observe_upstream(&self, ctx: &mut Ctx) {
+    pub(crate) fn observe_upstream(&self, ctx: &mut Ctx) {
         if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
             if let Some(pool) = self.pools.get(p) {
                 let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");

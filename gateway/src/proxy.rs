@@ -1088,16 +1088,7 @@ impl ProxyHttp for Gateway {
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
-            if let Some(pool) = self.pools.get(p) {
-                let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
-                let secs = at.elapsed().as_secs_f64();
-                ctx.upstream_ms = Some(secs * 1000.0);
-                metrics::UPSTREAM_DURATION
-                    .with_label_values(&[&*pool.name, zone_name])
-                    .observe(secs);
-            }
-        }
+        self.observe_upstream(ctx);
         Ok(())
     }
 

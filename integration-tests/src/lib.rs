@@ -36,8 +36,32 @@ pub fn caregate_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port for a process the test starts (a gateway's listeners, a sandbox).
+///
+/// It comes from below the kernel's ephemeral range, so that no outgoing connection (whose local
+/// port the kernel takes from that range) can occupy it between this call and the process's
+/// bind; and no port is handed out twice by one test binary, whose tests run in parallel.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(0);
+    if low > 11_000 {
+        let (lo, span) = (10_000, low - 10_000);
+        let start = (std::process::id() as usize).wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let port = (lo + (start + n) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -19,7 +19,9 @@
 //! [`RequestCtx::require_whole_exchange`]: caregate_filters::RequestCtx::require_whole_exchange
 
 use crate::metrics;
-use crate::proxy::{count_decision, request_has_body, set_request_id, Ctx, Gateway};
+use crate::proxy::{
+    count_decision, internal_error, request_has_body, set_request_id, Ctx, Gateway,
+};
 use bytes::{Bytes, BytesMut};
 use caregate_filters::{Decision, Filter, LocalReply, Mode, RequestCtx, Stored};
 use http::{header, StatusCode};
@@ -449,14 +451,6 @@ impl Gateway {
             }
         }
     }
-}
-
-fn internal_error() -> LocalReply {
-    LocalReply::error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "the gateway failed to process the request",
-    )
 }
 
 /// The whole request body, or `TooLarge` once it passes `max` (the rest is left unread; the

@@ -122,11 +122,7 @@ impl Gateway {
                         "the request could not be read",
                     ),
                 },
-                ErrorSource::Internal | ErrorSource::Unset => LocalReply::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "the gateway failed to process the request",
-                ),
+                ErrorSource::Internal | ErrorSource::Unset => internal_error(),
             },
         };
         Some(r)
@@ -730,6 +726,15 @@ impl Gateway {
     }
 }
 
+/// The reply to a failure of the gateway or a filter: names nothing but the reason code.
+pub(crate) fn internal_error() -> LocalReply {
+    LocalReply::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the gateway failed to process the request",
+    )
+}
+
 /// Whether a final (non-1xx) response header went downstream: after a `100 Continue` an error
 /// reply can still be written.
 pub(crate) fn final_response_written(session: &Session) -> bool {
@@ -883,12 +888,7 @@ impl ProxyHttp for Gateway {
                         f.kind()
                     );
                     count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
-                    let reply = LocalReply::error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal_error",
-                        "the gateway failed to process the request",
-                    );
-                    self.send_reply(session, ctx, reply).await?;
+                    self.send_reply(session, ctx, internal_error()).await?;
                     return Ok(true);
                 }
             }

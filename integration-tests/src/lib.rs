@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -170,7 +170,7 @@ impl Gateway {
         let dir = TempDir::new("gw");
         let config_path = dir.0.join("caregate.yaml");
         let yaml = yaml.replace("@CONF@", repo_root().join("conf").to_str().unwrap());
-        std::fs::write(&config_path, yaml).unwrap();
+        std::fs::write(&config_path, &yaml).unwrap();
         let proc = Proc::spawn(&["run", "-c", config_path.to_str().unwrap()], "gw-proc");
         let admin = addr(admin_port);
         let mut gw = Gateway {
@@ -194,12 +194,45 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+        // `/readyz` answers from the admin service, which may be up before another service's
+        // listener is bound: wait until every `listen:` address of the config accepts.
+        for listen in listen_addrs(&yaml) {
+            loop {
+                if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "gateway listener {listen} never opened; log:\n{}",
+                        gw.proc.log()
+                    );
+                }
+                if let Ok(Some(status)) = gw.proc.child.try_wait() {
+                    panic!("gateway exited ({status}); log:\n{}", gw.proc.log());
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
         gw
     }
 
     pub fn metrics(&self) -> String {
         request(self.admin, "GET", "/metrics", &[], b"").text()
     }
+}
+
+/// Every socket address given as `listen: "..."` (or unquoted) in a config text.
+fn listen_addrs(yaml: &str) -> Vec<SocketAddr> {
+    yaml.split("listen:")
+        .skip(1)
+        .filter_map(|rest| {
+            let v = rest.trim_start().trim_start_matches('"');
+            let end = v
+                .find(|c: char| c == '"' || c == ',' || c == '}' || c.is_whitespace())
+                .unwrap_or(v.len());
+            v[..end].parse().ok()
+        })
+        .collect()
 }
 
 /// A standalone sandbox FHIR server process (`caregate sandbox`).
@@ -501,6 +534,66 @@ impl EchoServer {
     }
 }
 
+/// A request as read off a connection: method, target, headers, body.
+pub type RawRequest = (String, String, Vec<(String, String)>, Vec<u8>);
+
+/// One request off the connection: request line, headers, Content-Length or chunked body.
+pub fn read_request(r: &mut impl BufRead) -> Option<RawRequest> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).ok()? == 0 {
+            return None;
+        }
+        let l = l.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let mut body = Vec::new();
+    if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            if r.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            let n = usize::from_str_radix(size.trim().split(';').next()?.trim(), 16).ok()?;
+            if n == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let mut t = String::new();
+                    if r.read_line(&mut t).ok()? == 0 || t.trim().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).ok()?;
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(cl) = get("content-length") {
+        body = vec![0; cl.parse().ok()?];
+        r.read_exact(&mut body).ok()?;
+    }
+    Some((method, target, headers, body))
+}
+
 fn serve_echo(stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, name: &str, mode: EchoMode) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match stream.try_clone() {
@@ -509,61 +602,7 @@ fn serve_echo(stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, name: &str, mode: 
     };
     let mut reader = BufReader::new(stream);
     let mut seq = 0;
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or("").to_string();
-        let target = parts.next().unwrap_or("").to_string();
-        let mut headers = Vec::new();
-        loop {
-            let mut l = String::new();
-            if reader.read_line(&mut l).unwrap_or(0) == 0 {
-                return;
-            }
-            let l = l.trim_end_matches(['\r', '\n']).to_string();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        let hget = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
-        let mut body = Vec::new();
-        if hget("transfer-encoding").is_some() {
-            loop {
-                let mut size = String::new();
-                if reader.read_line(&mut size).unwrap_or(0) == 0 {
-                    return;
-                }
-                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-                if n == 0 {
-                    let mut end = String::new();
-                    let _ = reader.read_line(&mut end);
-                    break;
-                }
-                let mut chunk = vec![0; n + 2];
-                if reader.read_exact(&mut chunk).is_err() {
-                    return;
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-        } else if let Some(cl) = hget("content-length") {
-            let n: usize = cl.parse().unwrap_or(0);
-            body = vec![0; n];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-        }
+    while let Some((method, target, headers, body)) = read_request(&mut reader) {
         if target == "/healthz" {
             let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n");
             continue;

@@ -13,7 +13,7 @@ use flate2::{write::GzEncoder, Compression};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -160,65 +160,6 @@ fn canned() -> HashMap<String, Canned> {
         },
     );
     m
-}
-
-type RawRequest = (String, String, Vec<(String, String)>, Vec<u8>);
-
-/// One request off the connection: request line, headers, Content-Length or chunked body.
-fn read_request(r: &mut impl BufRead) -> Option<RawRequest> {
-    let mut line = String::new();
-    if r.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).ok()? == 0 {
-            return None;
-        }
-        let l = l.trim_end_matches(['\r', '\n']);
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':')?;
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let get = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.to_ascii_lowercase())
-    };
-    let mut body = Vec::new();
-    if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            if r.read_line(&mut size).ok()? == 0 {
-                return None;
-            }
-            let n = usize::from_str_radix(size.trim().split(';').next()?.trim(), 16).ok()?;
-            if n == 0 {
-                // Trailers, up to the empty line.
-                loop {
-                    let mut t = String::new();
-                    if r.read_line(&mut t).ok()? == 0 || t.trim().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk).ok()?;
-            body.extend_from_slice(&chunk[..n]);
-        }
-    } else if let Some(cl) = get("content-length") {
-        body = vec![0; cl.parse().ok()?];
-        r.read_exact(&mut body).ok()?;
-    }
-    Some((method, target, headers, body))
 }
 
 fn reason_phrase(status: u16) -> &'static str {

@@ -469,6 +469,7 @@ def main():
         target = ROOT / target
     ap.add_argument("--caregate", default=str(target / "release" / "caregate"), help="the caregate binary (default: the release build in the cargo target dir)")
     ap.add_argument("--out", help="write the raw results as JSON here")
+    ap.add_argument("--baseline", help="another caregate binary (e.g. the release build of the commit before a change): its passthrough, full chain and patient-context chain run beside this one's, in the same rounds, and the report gives this / baseline ratios")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     duration = args.duration or (2 if args.quick else 10)
@@ -528,15 +529,23 @@ def main():
             "caregate-chain-compartment": dict(kind="chain", compartment=True),
             "caregate-mask": dict(kind="mask"),
         }
+        binaries = {name: args.caregate for name in caregates}
+        if args.baseline:
+            if not Path(args.baseline).exists():
+                raise HarnessError(f"{args.baseline} missing")
+            for name in ("caregate", "caregate-chain", "caregate-chain-compartment"):
+                caregates[name + "-baseline"] = caregates[name]
+                binaries[name + "-baseline"] = args.baseline
         for name, kw in caregates.items():
             p, admin = free_port(), free_port()
             conf = caregate_conf(d, name, p, admin, origin_port, **kw)
-            check = subprocess.run([args.caregate, "check", "-c", str(conf)], capture_output=True, text=True)
+            binary = binaries[name]
+            check = subprocess.run([binary, "check", "-c", str(conf)], capture_output=True, text=True)
             if check.returncode != 0:
                 raise HarnessError(f"{name}: config refused: {check.stdout}{check.stderr}")
             suts[name] = Sut(
                 name,
-                [args.caregate, "run", "-c", str(conf)],
+                [binary, "run", "-c", str(conf)],
                 p,
                 1,
                 ready=lambda admin=admin: http_get(admin, "/readyz", timeout=1)[0] == 200,
@@ -562,11 +571,19 @@ def main():
             ("search70k", "caregate-mask", "caregate-mask", SEARCH_PATH, "localhost", None),
         ]
 
+        if args.baseline:
+            cases += [
+                ("patient", "caregate-baseline", "caregate-baseline", PATIENT_PATH, "localhost", None),
+                ("jwt", "caregate-chain-baseline", "caregate-chain-baseline", PATIENT_PATH, TENANT_HOST, tokens[1000]),
+                ("jwt", "caregate-chain-compartment-baseline", "caregate-chain-compartment-baseline", PATIENT_PATH, TENANT_HOST, tokens[1000]),
+            ]
+
         preflight(suts, one_token)
         # Clients reuse a token many times within its lifetime: every token has been seen once
         # before the measured runs, as a gateway in service would have seen it.
-        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment"):
-            prime(suts[name].port, all_tokens)
+        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment", "caregate-chain-baseline", "caregate-chain-compartment-baseline"):
+            if name in suts:
+                prime(suts[name].port, all_tokens)
 
         for rnd in range(rounds):
             order = cases[:]
@@ -738,6 +755,15 @@ def report(results):
     audit_cost = diff(per_round("jwt", "caregate-chain", "cpu_us_per_req"), per_round("jwt", "caregate-chain-noaudit", "cpu_us_per_req"))
     mask_cost = diff(per_round("search70k", "caregate-mask", "cpu_us_per_req"), per_round("search70k", "caregate", "cpu_us_per_req"))
     compartment_cost = diff(per_round("jwt", "caregate-chain-compartment", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
+    if any(r["sut"] == "caregate-baseline" for r in closed):
+        rows += [
+            ("passthrough throughput, this build / baseline", ratio(per_round("patient", "caregate"), per_round("patient", "caregate-baseline")), "~1.0"),
+            ("passthrough CPU per request, this build / baseline", ratio(per_round("patient", "caregate", "cpu_us_per_req"), per_round("patient", "caregate-baseline", "cpu_us_per_req")), "~1.0"),
+            ("full chain throughput, this build / baseline", ratio(per_round("jwt", "caregate-chain"), per_round("jwt", "caregate-chain-baseline")), "~1.0"),
+            ("full chain CPU per request, this build / baseline", ratio(per_round("jwt", "caregate-chain", "cpu_us_per_req"), per_round("jwt", "caregate-chain-baseline", "cpu_us_per_req")), "~1.0"),
+            ("patient-context chain throughput, this build / baseline", ratio(per_round("jwt", "caregate-chain-compartment"), per_round("jwt", "caregate-chain-compartment-baseline")), "~1.0"),
+            ("patient-context chain CPU per request, this build / baseline", ratio(per_round("jwt", "caregate-chain-compartment", "cpu_us_per_req"), per_round("jwt", "caregate-chain-compartment-baseline", "cpu_us_per_req")), "~1.0"),
+        ]
     print("\n## Ratios (per round, median [min-max])\n")
     print("| ratio | value | target |")
     print("|---|---|---|")

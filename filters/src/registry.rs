@@ -3,87 +3,11 @@
 
 use crate::builtin;
 use crate::Filter;
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
+pub use caregate_filter_api::build::{
+    parse_config, BuildContext, BuildError, FilterSpec, SharedBuildState,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// A filter as written in the config file: `{ kind: cors, config: { ... } }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilterSpec {
-    pub kind: String,
-    #[serde(default)]
-    pub config: Option<serde_yaml::Value>,
-}
-
-/// Why a filter could not be built. `path` is relative to the filter's `config` block
-/// (e.g. `allowed_origins[2]`), so the gateway can prefix it with the filter's place in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildError {
-    pub path: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for BuildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-impl BuildError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        BuildError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// What a filter builder may know besides its own config: the organisation-wide sections of the
-/// gateway config.
-#[derive(Debug, Clone, Default)]
-pub struct BuildContext {
-    /// The organisation-wide `auth:` section (issuers, token cache, certificate mappings).
-    pub auth: crate::builtin::jwt_auth::AuthConfig,
-    /// State built once per config and shared by every filter that needs it.
-    pub shared: Arc<SharedBuildState>,
-    /// Names of the configured upstream pools.
-    pub pools: Vec<String>,
-    /// The configured tenants.
-    pub tenants: Vec<crate::identity::TenantConfig>,
-    /// The folder relative file paths in filter configs resolve against (the config file's).
-    pub base_dir: std::path::PathBuf,
-}
-
-/// Objects shared by the filters built from one config (e.g. the issuers' key sets and the
-/// verified-token cache, shared by every `jwt_auth` route).
-#[derive(Default)]
-pub struct SharedBuildState {
-    pub issuer_set:
-        std::sync::OnceLock<Result<Arc<crate::builtin::jwt_auth::IssuerSet>, BuildError>>,
-}
-
-impl std::fmt::Debug for SharedBuildState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedBuildState").finish_non_exhaustive()
-    }
-}
-
-impl BuildContext {
-    /// Resolve a path from a filter config against the config file's folder.
-    pub fn resolve(&self, p: &std::path::Path) -> std::path::PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
-    }
-}
 
 type Builder = fn(serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Filter>, BuildError>;
 
@@ -148,23 +72,6 @@ impl FilterRegistry {
             .unwrap_or(serde_yaml::Value::Mapping(Default::default()));
         builder(config, cx)
     }
-}
-
-/// Deserialize a filter's typed config, naming the position of any error.
-pub fn parse_config<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, BuildError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        let inner = e.into_inner().to_string();
-        BuildError::new(
-            if path.is_empty() {
-                "config".to_string()
-            } else {
-                format!("config.{path}")
-            },
-            inner,
-        )
-    })
 }
 
 #[cfg(test)]

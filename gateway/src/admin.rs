@@ -1,8 +1,9 @@
 //! The admin listener: the gateway's own small HTTP app.
 //!
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 once every pool has had its settling health-check passes and while the
-//!   audit sink (if any) writes; 503 otherwise.
+//! - `GET /readyz`: 200 once every pool has had its settling health-check passes, while the
+//!   audit sink (if any) writes, and while every filter can do its job (every issuer has a
+//!   usable key set); 503 with the reason otherwise.
 //! - `GET /metrics`: the Prometheus text of the default registry.
 //! - `POST /sandbox/{name}/outage` and `POST /sandbox/{name}/restore`: switch a built-in
 //!   sandbox backend into a simulated outage and back (demo and tests).
@@ -26,6 +27,9 @@ pub struct AdminApp {
     /// replicas that can audit it.
     pub audit: Option<Arc<caregate_audit::AuditSink>>,
     pub token: Option<String>,
+    /// The filters' background tasks: not ready while one cannot do its job yet (e.g. an
+    /// issuer's key set is not loaded, so its tokens cannot be verified).
+    pub filter_tasks: Vec<Arc<dyn caregate_filters::BackgroundTask>>,
     pub sandboxes: HashMap<String, Arc<SandboxControl>>,
 }
 
@@ -92,6 +96,8 @@ impl ServeHttp for AdminApp {
                     )
                 } else if self.audit.as_ref().map(|a| !a.healthy()).unwrap_or(false) {
                     plain(503, "not ready: the audit sink is failing\n")
+                } else if let Some(why) = self.filter_tasks.iter().find_map(|t| t.not_ready()) {
+                    plain(503, &format!("not ready: {why}\n"))
                 } else {
                     plain(200, "ready\n")
                 }

@@ -19,16 +19,16 @@
 //! [`RequestCtx::require_whole_exchange`]: caregate_filters::RequestCtx::require_whole_exchange
 
 use crate::metrics;
-use crate::proxy::{
-    count_decision, internal_error, request_has_body, set_request_id, Ctx, Gateway,
-};
+use crate::proxy::{request_has_body, set_request_id, Ctx, Gateway, MetricsSink};
+use crate::retry;
 use bytes::{Bytes, BytesMut};
-use caregate_filters::{Decision, Filter, LocalReply, Mode, RequestCtx, Stored};
+use caregate_filters::chain::{Chain, Verdict};
+use caregate_filters::{LocalReply, Stored};
 use http::{header, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::Session;
 use pingora::protocols::http::client::HttpSession;
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -125,7 +125,7 @@ impl Gateway {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route");
         };
-        let ran = ctx.filters_ran.min(route.filters.len());
+        let chain = Chain::new(&route.filters, &MetricsSink);
 
         // 1. The whole request body. A client that waits for `100 Continue` before sending it
         // gets one now: every request hook has passed.
@@ -164,10 +164,7 @@ impl Gateway {
         // 2. The pre-read of the stored resource, if a filter asked for one.
         if let Some(pre) = ctx.req.preread().cloned() {
             let stored = self.preread(session, ctx, &pre.path, &mut held).await?;
-            let refusal = Self::run_decisions(ctx, &route.filters[..ran], "a pre-read", |f, c| {
-                f.preread_filter(&stored, c)
-            });
-            if let Some(reply) = refusal {
+            if let Verdict::Reply(reply) = chain.preread(&stored, &mut ctx.req) {
                 return self.send_reply(session, ctx, reply).await;
             }
         }
@@ -175,11 +172,7 @@ impl Gateway {
         // 3. The request body hooks, once, on the whole body: nothing went upstream yet.
         let had_body = !body.is_empty() || request_has_body(session);
         let mut chunk = (!body.is_empty()).then_some(body);
-        let refusal =
-            Self::run_decisions(ctx, &route.filters[..ran], "the request body", |f, c| {
-                f.request_body_filter(&mut chunk, true, c)
-            });
-        if let Some(reply) = refusal {
+        if let Verdict::Reply(reply) = chain.request_body(&mut chunk, true, &mut ctx.req) {
             return self.send_reply(session, ctx, reply).await;
         }
         let body = chunk.unwrap_or_default();
@@ -200,41 +193,11 @@ impl Gateway {
             body: rbody,
         } = self.exchange(ctx, &up, &body, &mut held).await?;
 
-        // 5. The response hooks, on the header and on the whole body.
+        // 5. The response hooks, each filter's on the header and then on the whole body. A
+        // refusal is a clean reply: nothing was released, and the reply passes through the
+        // response hooks that have not run (each runs once).
         let mut out = Some(rbody);
-        let mut refused: Option<&'static str> = None;
-        for f in route.filters[..ran].iter().rev() {
-            if f.mode() == Mode::Off {
-                continue;
-            }
-            if let Err(e) = f.response_filter(&mut resp, &mut ctx.req) {
-                log::warn!("request {}: {e}", ctx.req.request_id);
-                refused = Some(f.kind());
-                break;
-            }
-        }
-        if refused.is_none() {
-            for f in route.filters[..ran].iter().rev() {
-                if f.mode() == Mode::Off {
-                    continue;
-                }
-                if let Err(e) = f.response_body_filter(&mut out, true, &mut ctx.req) {
-                    log::warn!("request {}: {e}", ctx.req.request_id);
-                    refused = Some(f.kind());
-                    break;
-                }
-            }
-        }
-        if let Some(kind) = refused {
-            // Nothing was released: the refusal is a clean reply.
-            let reply = ctx.req.take_response_refusal().unwrap_or_else(|| {
-                LocalReply::error(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "the upstream response could not be processed",
-                )
-            });
-            count_decision(kind, "deny", reply.reason, &mut ctx.req);
+        if let Verdict::Reply(reply) = chain.whole_response(&mut resp, &mut out, &mut ctx.req) {
             return self.send_reply(session, ctx, reply).await;
         }
 
@@ -256,43 +219,6 @@ impl Gateway {
             session.write_response_body(Some(body), true).await?;
         }
         Ok(())
-    }
-
-    /// Run one request-side hook of every filter that ran, in chain order, with the modes applied;
-    /// the reply of the first enforced refusal (or failure), if any.
-    fn run_decisions(
-        ctx: &mut Ctx,
-        filters: &[Arc<dyn Filter>],
-        what: &str,
-        mut hook: impl FnMut(&dyn Filter, &mut RequestCtx) -> caregate_filters::Result<Decision>,
-    ) -> Option<LocalReply> {
-        for f in filters {
-            let mode = f.mode();
-            if mode == Mode::Off {
-                continue;
-            }
-            match hook(f.as_ref(), &mut ctx.req) {
-                Ok(Decision::Continue) => {}
-                Ok(Decision::Respond(reply)) => {
-                    if reply.is_denial() && mode == Mode::Shadow {
-                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
-                        continue;
-                    }
-                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
-                    return Some(reply);
-                }
-                Err(e) => {
-                    log::error!(
-                        "request {}: filter {} failed on {what}: {e}",
-                        ctx.req.request_id,
-                        f.kind()
-                    );
-                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
-                    return Some(internal_error());
-                }
-            }
-        }
-        None
     }
 
     /// Read `path` (below the route prefix) from the request's upstream, with the verified
@@ -339,10 +265,10 @@ impl Gateway {
         })
     }
 
-    /// One upstream exchange with the streaming path's backend choice and retry rules: a failed
-    /// connect goes to another backend; a connection that broke goes to another backend only
-    /// for an idempotent method or a reused (possibly stale) connection; timeouts are not
-    /// retried. The response body is read whole, bounded.
+    /// One upstream exchange with the streaming path's backend choice and its one retry rule
+    /// ([`retry::may_retry`]): a failed connect goes to another backend; a connection that
+    /// broke goes to another backend only for an idempotent method (the whole body is held);
+    /// timeouts are not retried. The response body is read whole, bounded.
     pub(crate) async fn exchange(
         &self,
         ctx: &mut Ctx,
@@ -350,14 +276,20 @@ impl Gateway {
         body: &Bytes,
         held: &mut Held,
     ) -> Result<Exchanged> {
-        let idempotent = req.method.is_idempotent();
+        let request = retry::Request {
+            idempotent: req.method.is_idempotent(),
+            // The whole body is held: it can always be sent again.
+            body_replayable: true,
+            // Nothing is released before the exchange is over.
+            response_started: false,
+        };
         loop {
             let peer = self.select_peer(ctx)?;
-            let (mut http, reused) = match self.connector.get_http_session(&*peer).await {
+            let (mut http, _reused) = match self.connector.get_http_session(&*peer).await {
                 Ok(x) => x,
                 Err(e) => {
                     let e = e.into_up();
-                    if self.note_failure(ctx, "connect", true) {
+                    if self.note_failure(ctx, retry::Failure::Connect, request) {
                         continue;
                     }
                     return Err(e);
@@ -403,40 +335,13 @@ impl Gateway {
                     // The client session leaves the source unset: everything here is upstream.
                     let e = e.into_up();
                     http.shutdown().await;
-                    let broken = e.esource() == &ErrorSource::Upstream
-                        && matches!(
-                            e.etype(),
-                            ErrorType::ConnectionClosed
-                                | ErrorType::ReadError
-                                | ErrorType::WriteError
-                        );
-                    if self.note_failure(ctx, "proxy", broken && (idempotent || reused)) {
+                    if self.note_failure(ctx, retry::Failure::after_send(&e), request) {
                         continue;
                     }
                     return Err(e);
                 }
             }
         }
-    }
-
-    /// Record a failed attempt; whether another one may go out.
-    fn note_failure(&self, ctx: &mut Ctx, phase: &'static str, retryable: bool) -> bool {
-        let Some((zone, addr)) = ctx.current.take() else {
-            return false;
-        };
-        ctx.tried.push(addr);
-        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
-            return false;
-        };
-        let again =
-            retryable && ctx.attempts < pool.max_attempts && pool.pick(&ctx.tried).is_some();
-        if again {
-            let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
-            metrics::RETRIES
-                .with_label_values(&[&*pool.name, zone_name, phase])
-                .inc();
-        }
-        again
     }
 
     pub(crate) fn observe_upstream(&self, ctx: &mut Ctx) {

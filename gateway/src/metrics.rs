@@ -117,6 +117,16 @@ pub static AUDIT_SINK_HEALTHY: Lazy<prometheus::IntGauge> = Lazy::new(|| {
     .expect("register caregate_audit_sink_healthy")
 });
 
+#[allow(clippy::expect_used)]
+pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_config_reloads_total",
+        "Config reload requests, by result (not_supported: a SIGHUP that was logged and ignored; the running config is kept).",
+        &["result"]
+    )
+    .expect("register caregate_config_reloads_total")
+});
+
 /// Touch every metric so that each family is present from the first scrape.
 pub fn init() {
     Lazy::force(&REQUESTS);
@@ -126,6 +136,7 @@ pub fn init() {
     Lazy::force(&FAILOVERS);
     Lazy::force(&RETRIES);
     Lazy::force(&FILTER_DECISIONS);
+    Lazy::force(&CONFIG_RELOADS);
 }
 
 /// The audit metrics, registered only when an audit sink is configured.

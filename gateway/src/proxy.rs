@@ -5,13 +5,15 @@ use crate::access_log::{rfc3339_millis, AccessLog, TraceContext};
 use crate::errors;
 use crate::hygiene;
 use crate::metrics;
+use crate::retry;
 use crate::router::{request_host, Route, RouteMatch, RouteTable};
 use crate::upstream::Pool;
 use async_trait::async_trait;
 use bytes::Bytes;
+use caregate_filters::chain::{Chain, DecisionSink, Verdict};
 use caregate_filters::ctx::DecisionRecord;
 use caregate_filters::identity::{PeerCertificate, Principal, Tenant};
-use caregate_filters::{Channel, Decision, LocalReply, Mode, ReplyBody, RequestCtx};
+use caregate_filters::{Channel, LocalReply, ReplyBody, RequestCtx};
 use http::{header, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use pingora::http::ResponseHeader;
@@ -49,8 +51,6 @@ pub struct Gateway {
 pub struct Ctx {
     pub req: RequestCtx,
     pub(crate) route: Option<Arc<Route>>,
-    /// How many filters' request hooks ran (response hooks run for exactly those).
-    pub(crate) filters_ran: usize,
     pub(crate) tried: Vec<SocketAddr>,
     pub(crate) attempts: usize,
     /// The pool serving this request (the route's, or the tenant's own).
@@ -163,12 +163,9 @@ impl Gateway {
         if !(status == 204 || status == 304 || (100..200).contains(&status)) {
             resp.set_content_length(body.len())?;
         }
-        if let Err(e) = self.run_response_hooks(&mut resp, ctx) {
-            // The reply still goes out, without the hooks' edits.
-            log::error!(
-                "request {}: response hook failed on a local reply: {e}",
-                ctx.req.request_id
-            );
+        // The response hooks that have not run yet (each runs once per request).
+        if let Some(route) = ctx.route.clone() {
+            Chain::new(&route.filters, &MetricsSink).local_reply(&mut resp, &mut ctx.req);
         }
         set_request_id(&mut resp, &ctx.req.request_id);
         if request_has_body(session) || reply.status.is_server_error() {
@@ -186,32 +183,37 @@ impl Gateway {
         Ok(())
     }
 
-    pub(crate) fn run_response_hooks(
+    /// Record a failed upstream attempt (the one owner of the attempt bookkeeping for both
+    /// paths) and decide, by the one retry rule ([`retry::may_retry`]), whether another attempt
+    /// may go out: it needs an attempt left in the pool's budget and a backend not tried yet.
+    pub(crate) fn note_failure(
         &self,
-        resp: &mut ResponseHeader,
         ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(route) = ctx.route.clone() {
-            for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
-                .iter()
-                .rev()
-            {
-                if f.mode() == Mode::Off {
-                    continue;
-                }
-                f.response_filter(resp, &mut ctx.req).map_err(|e| {
-                    Error::explain(ErrorType::InternalError, format!("response hook: {e}"))
-                })?;
-            }
+        failure: retry::Failure,
+        req: retry::Request,
+    ) -> bool {
+        let Some((zone, addr)) = ctx.current.take() else {
+            return false;
+        };
+        ctx.tried.push(addr);
+        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
+            return false;
+        };
+        let again = retry::may_retry(failure, req)
+            && ctx.attempts < pool.max_attempts
+            && pool.pick(&ctx.tried).is_some();
+        if again {
+            let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
+            metrics::RETRIES
+                .with_label_values(&[&*pool.name, zone_name, failure.label()])
+                .inc();
         }
-        Ok(())
+        again
     }
 
     pub(crate) fn record_gateway_denial(ctx: &mut Ctx, reason: &'static str) {
-        metrics::FILTER_DECISIONS
-            .with_label_values(&["gateway", "deny", reason])
-            .inc();
-        ctx.req.decisions.push(DecisionRecord {
+        MetricsSink.record("gateway", "deny", reason);
+        ctx.req.host().decisions.push(DecisionRecord {
             filter: "gateway",
             result: "deny",
             reason,
@@ -229,8 +231,8 @@ impl Gateway {
             .unwrap_or(false);
 
         let req = session.req_header();
-        ctx.req.method = req.method.as_str().to_string();
-        ctx.req.request_id = hygiene::accept_request_id(
+        ctx.req.host().method = req.method.as_str().to_string();
+        ctx.req.host().request_id = hygiene::accept_request_id(
             req.headers
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok()),
@@ -254,7 +256,7 @@ impl Gateway {
             self.table
                 .lookup(host.as_deref(), &raw_path, &ctx.req.method)
         {
-            ctx.req.fhir_route = r.fhir;
+            ctx.req.host().fhir_route = r.fhir;
         }
         if header_bytes > self.max_header_bytes {
             Self::record_gateway_denial(ctx, "header_too_large");
@@ -287,7 +289,8 @@ impl Gateway {
                 _ => None,
             }
         };
-        ctx.req.client_addr = hygiene::real_client(peer, xff_in.as_deref(), &self.trusted_proxies);
+        ctx.req.host().client_addr =
+            hygiene::real_client(peer, xff_in.as_deref(), &self.trusted_proxies);
         ctx.forwarded_for = match (&xff_in, peer) {
             (Some(x), Some(p)) => format!("{x}, {p}"),
             (None, Some(p)) => p.to_string(),
@@ -355,8 +358,8 @@ impl Gateway {
         let route = match self.table.lookup(host.as_deref(), &path, &ctx.req.method) {
             RouteMatch::Found(r) => r.clone(),
             RouteMatch::MethodNotAllowed(r) => {
-                ctx.req.fhir_route = r.fhir;
-                ctx.req.route = Some(r.name.clone());
+                ctx.req.host().fhir_route = r.fhir;
+                ctx.req.host().route = Some(r.name.clone());
                 ctx.phi = r.phi;
                 Self::record_gateway_denial(ctx, "method_not_allowed");
                 let allow = r.methods.join(", ");
@@ -371,7 +374,7 @@ impl Gateway {
                 return Some(reply);
             }
             RouteMatch::NotFound => {
-                ctx.req.fhir_route = false;
+                ctx.req.host().fhir_route = false;
                 Self::record_gateway_denial(ctx, "route_not_found");
                 return Some(LocalReply::error(
                     StatusCode::NOT_FOUND,
@@ -380,15 +383,34 @@ impl Gateway {
                 ));
             }
         };
-        ctx.req.fhir_route = route.fhir;
-        ctx.req.route = Some(route.name.clone());
+        ctx.req.host().fhir_route = route.fhir;
+        ctx.req.host().route = Some(route.name.clone());
         ctx.phi = route.phi;
-        if route.fhir && (path.contains(';') || path.contains("%3B")) {
-            Self::record_gateway_denial(ctx, "bad_path");
+        // FHIR routes, judged on the route the normalised path reached (the one the request
+        // goes to): no path parameters and nothing but ASCII in the path.
+        if route.fhir {
+            if let Err(e) = hygiene::check_fhir_path(&path) {
+                Self::record_gateway_denial(ctx, "bad_path");
+                return Some(LocalReply::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    e.detail(),
+                ));
+            }
+        }
+        // A FHIR read, search or delete carries no body: refuse one before anything goes
+        // upstream (send_reply closes the connection, so the unread body is never parsed as
+        // a request). HTTP/2 has no framing headers to tell: a request stream the HEADERS
+        // frame did not end carries a body too.
+        if route.fhir
+            && matches!(ctx.req.method.as_str(), "GET" | "HEAD" | "DELETE")
+            && (request_has_body(session) || (session.is_http2() && !session.is_body_empty()))
+        {
+            Self::record_gateway_denial(ctx, "body_not_allowed");
             return Some(LocalReply::error(
                 StatusCode::BAD_REQUEST,
-                "bad_path",
-                "path parameters (';') are not allowed on FHIR routes",
+                "body_not_allowed",
+                "a GET, HEAD or DELETE request on a FHIR route must not carry a body",
             ));
         }
         // From here on the session's request carries the normalised path: what the filters
@@ -408,12 +430,15 @@ impl Gateway {
                 ));
             }
         }
-        ctx.req.path = path;
-        ctx.req.query = query.unwrap_or_default();
+        ctx.req.host().path = path;
+        ctx.req.host().query = query.unwrap_or_default();
         // FHIR routes: every request is classified once; what cannot be classified is refused.
         // (OPTIONS is no FHIR interaction: CORS preflights are answered by the cors filter.)
         // (`/.well-known/` documents, such as the SMART configuration, are not FHIR interactions.)
         let well_known = ctx.req.path.contains("/.well-known/");
+        if route.fhir {
+            ctx.req.host().fhir_base = Some(route.path_prefix.clone());
+        }
         if route.fhir && ctx.req.method != "OPTIONS" && !well_known {
             let below = if route.path_prefix == "/" {
                 ctx.req.path.as_str()
@@ -437,7 +462,10 @@ impl Gateway {
                 None,
             ) {
                 Ok(class) => {
-                    let _ = ctx.req.facts.insert("gateway", class);
+                    let _ = ctx
+                        .req
+                        .facts
+                        .insert(caregate_filters::ctx::writers::Gateway, class);
                 }
                 Err(e) => {
                     ctx.route = Some(route);
@@ -458,7 +486,10 @@ impl Gateway {
             .cloned();
         if let Some(cert) = cert {
             // The first fact of the request: cannot conflict.
-            let _ = ctx.req.facts.insert("gateway", cert);
+            let _ = ctx
+                .req
+                .facts
+                .insert(caregate_filters::ctx::writers::Gateway, cert);
         }
         None
     }
@@ -548,20 +579,15 @@ impl Gateway {
                 upstream_request.insert_header("x-forwarded-host", v)?;
             }
         }
-        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
-            if f.mode() == Mode::Off {
-                continue;
-            }
-            f.upstream_request_filter(upstream_request, &mut ctx.req)
-                .await
-                .map_err(|e| {
-                    Error::explain(
-                        ErrorType::InternalError,
-                        format!("upstream request hook: {e}"),
-                    )
-                })?;
-        }
-        Ok(())
+        Chain::new(&route.filters, &MetricsSink)
+            .upstream_request(upstream_request, &mut ctx.req)
+            .await
+            .map_err(|e| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    format!("upstream request hook: {e}"),
+                )
+            })
     }
 
     /// Choose the backend of the next attempt (the route's pool, or the tenant's own), zone by
@@ -593,7 +619,7 @@ impl Gateway {
         match pick {
             Some(pick) => {
                 ctx.attempts += 1;
-                ctx.req.attempt = ctx.attempts as u32;
+                ctx.req.host().attempt = ctx.attempts as u32;
                 ctx.max_zone_tried =
                     Some(ctx.max_zone_tried.map_or(pick.zone, |z| z.max(pick.zone)));
                 ctx.current = Some((pick.zone, pick.addr));
@@ -726,14 +752,7 @@ impl Gateway {
     }
 }
 
-/// The reply to a failure of the gateway or a filter: names nothing but the reason code.
-pub(crate) fn internal_error() -> LocalReply {
-    LocalReply::error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "the gateway failed to process the request",
-    )
-}
+pub(crate) use caregate_filters::chain::internal_error;
 
 /// Whether a final (non-1xx) response header went downstream: after a `100 Continue` an error
 /// reply can still be written.
@@ -793,20 +812,15 @@ pub(crate) fn set_request_id(resp: &mut ResponseHeader, id: &str) {
     }
 }
 
-pub(crate) fn count_decision(
-    filter: &'static str,
-    result: &'static str,
-    reason: &'static str,
-    ctx: &mut RequestCtx,
-) {
-    metrics::FILTER_DECISIONS
-        .with_label_values(&[filter, result, reason])
-        .inc();
-    ctx.decisions.push(DecisionRecord {
-        filter,
-        result,
-        reason,
-    });
+/// The chain's decisions, counted in `caregate_filter_decisions_total{filter,result,reason}`.
+pub(crate) struct MetricsSink;
+
+impl DecisionSink for MetricsSink {
+    fn record(&self, filter: &'static str, result: &'static str, reason: &'static str) {
+        metrics::FILTER_DECISIONS
+            .with_label_values(&[filter, result, reason])
+            .inc();
+    }
 }
 
 #[async_trait]
@@ -820,7 +834,6 @@ impl ProxyHttp for Gateway {
         Box::new(Ctx {
             req: RequestCtx::new(self.listener.clone(), self.channel),
             route: None,
-            filters_ran: 0,
             tried: Vec::new(),
             attempts: 0,
             pool: None,
@@ -856,42 +869,12 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(false);
         };
-        for (i, f) in route.filters.iter().enumerate() {
-            let mode = f.mode();
-            if mode == Mode::Off {
-                continue;
-            }
-            ctx.filters_ran = i + 1;
-            let decision = f
-                .request_filter(session.req_header_mut(), &mut ctx.req)
-                .await;
-            match decision {
-                Ok(Decision::Continue) => {
-                    metrics::FILTER_DECISIONS
-                        .with_label_values(&[f.kind(), "allow", "none"])
-                        .inc();
-                }
-                Ok(Decision::Respond(reply)) => {
-                    if reply.is_denial() && mode == Mode::Shadow {
-                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
-                        continue;
-                    }
-                    let result = if reply.is_denial() { "deny" } else { "answer" };
-                    count_decision(f.kind(), result, reply.reason, &mut ctx.req);
-                    self.send_reply(session, ctx, reply).await?;
-                    return Ok(true);
-                }
-                Err(e) => {
-                    log::error!(
-                        "request {}: filter {} failed: {e}",
-                        ctx.req.request_id,
-                        f.kind()
-                    );
-                    count_decision(f.kind(), "error", "internal_error", &mut ctx.req);
-                    self.send_reply(session, ctx, internal_error()).await?;
-                    return Ok(true);
-                }
-            }
+        let verdict = Chain::new(&route.filters, &MetricsSink)
+            .request(session.req_header_mut(), &mut ctx.req)
+            .await;
+        if let Verdict::Reply(reply) = verdict {
+            self.send_reply(session, ctx, reply).await?;
+            return Ok(true);
         }
         // PHI: the access record is durable before anything goes upstream, so before any PHI
         // response header can be released. If the sink cannot take it, fail closed.
@@ -944,30 +927,16 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
-        for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
-            let mode = f.mode();
-            if mode == Mode::Off {
-                continue;
-            }
-            match f.request_body_filter(body, end_of_stream, &mut ctx.req) {
-                Ok(Decision::Continue) => {}
-                Ok(Decision::Respond(reply)) => {
-                    if reply.is_denial() && mode == Mode::Shadow {
-                        count_decision(f.kind(), "shadow_deny", reply.reason, &mut ctx.req);
-                        continue;
-                    }
-                    count_decision(f.kind(), "deny", reply.reason, &mut ctx.req);
-                    let status = reply.status.as_u16();
-                    ctx.pending = Some(reply);
-                    return Error::e_explain(
-                        ErrorType::HTTPStatus(status),
-                        "refused by a body filter",
-                    );
-                }
-                Err(e) => {
-                    return Error::e_explain(ErrorType::InternalError, format!("body filter: {e}"));
-                }
-            }
+        // Per chunk of each attempt (Pingora replays the body on a retry).
+        let verdict = Chain::new(&route.filters, &MetricsSink).request_body(
+            body,
+            end_of_stream,
+            &mut ctx.req,
+        );
+        if let Verdict::Reply(reply) = verdict {
+            let status = reply.status.as_u16();
+            ctx.pending = Some(reply);
+            return Error::e_explain(ErrorType::HTTPStatus(status), "refused by a body filter");
         }
         Ok(())
     }
@@ -982,27 +951,17 @@ impl ProxyHttp for Gateway {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let Some((zone, addr)) = ctx.current.take() else {
-            return e;
+        let req = retry::Request {
+            idempotent: session.req_header().method.is_idempotent(),
+            body_replayable: !session.as_ref().retry_buffer_truncated(),
+            response_started: final_response_written(session),
         };
-        ctx.tried.push(addr);
-        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
-            return e;
-        };
-        // Nothing was sent: any method may go to another backend, while attempts remain and
-        // another backend exists.
-        if ctx.attempts < pool.max_attempts && pool.pick(&ctx.tried).is_some() {
-            let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
-            metrics::RETRIES
-                .with_label_values(&[&*pool.name, zone_name, "connect"])
-                .inc();
-            e.set_retry(true);
-        }
+        e.set_retry(self.note_failure(ctx, retry::Failure::Connect, req));
         e
     }
 
@@ -1012,50 +971,16 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Box<Ctx>,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let pool = ctx.pool.and_then(|p| self.pools.get(p)).cloned();
-        let current = ctx.current.take();
-        if let Some((_, addr)) = current {
-            ctx.tried.push(addr);
-        }
-        // After bytes were sent: only idempotent methods, only with the whole body buffered,
-        // never once a response header went downstream, and within the attempt budget.
-        let attempts_left = pool
-            .as_ref()
-            .map(|p| ctx.attempts < p.max_attempts && p.pick(&ctx.tried).is_some())
-            .unwrap_or(false);
-        if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-            || final_response_written(session)
-            || !attempts_left
-        {
-            e.set_retry(false);
-        } else {
-            // An idempotent request whose backend connection broke before any response went
-            // downstream may go to another backend, whether or not the connection was pooled
-            // (a backend killed mid-request). Timeouts are not retried: a slow backend is not a
-            // dead one, and retrying would multiply its load.
-            let broken_connection = e.esource() == &ErrorSource::Upstream
-                && matches!(
-                    e.etype(),
-                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-                );
-            if broken_connection {
-                e.set_retry(true);
-            } else {
-                e.retry.decide_reuse(client_reused);
-            }
-            if e.retry() {
-                if let (Some(pool), Some((zone, _))) = (pool, current) {
-                    let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
-                    metrics::RETRIES
-                        .with_label_values(&[&*pool.name, zone_name, "proxy"])
-                        .inc();
-                }
-            }
-        }
+        let req = retry::Request {
+            idempotent: session.req_header().method.is_idempotent(),
+            body_replayable: !session.as_ref().retry_buffer_truncated(),
+            response_started: final_response_written(session),
+        };
+        let failure = retry::Failure::after_send(&e);
+        e.set_retry(self.note_failure(ctx, failure, req));
         e
     }
 
@@ -1098,7 +1023,20 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        self.run_response_hooks(upstream_response, ctx)?;
+        if let Some(route) = ctx.route.clone() {
+            let verdict =
+                Chain::new(&route.filters, &MetricsSink).response(upstream_response, &mut ctx.req);
+            if let Verdict::Reply(reply) = verdict {
+                // Nothing went downstream yet: the reply replaces the response (fail_to_proxy
+                // sends it, through the response hooks that have not run).
+                let status = reply.status.as_u16();
+                ctx.pending = Some(reply);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(status),
+                    "refused by a response hook",
+                );
+            }
+        }
         set_request_id(upstream_response, &ctx.req.request_id);
         Ok(())
     }
@@ -1111,17 +1049,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut Box<Ctx>,
     ) -> Result<Option<Duration>> {
         if let Some(route) = ctx.route.clone() {
-            for f in route.filters[..ctx.filters_ran.min(route.filters.len())]
-                .iter()
-                .rev()
-            {
-                if f.mode() == Mode::Off {
-                    continue;
-                }
-                f.response_body_filter(body, end_of_stream, &mut ctx.req)
-                    .map_err(|e| {
-                        Error::explain(ErrorType::InternalError, format!("response body hook: {e}"))
-                    })?;
+            let verdict = Chain::new(&route.filters, &MetricsSink).response_body(
+                body,
+                end_of_stream,
+                &mut ctx.req,
+            );
+            if let Verdict::Reply(reply) = verdict {
+                // The header is downstream already: the exchange is aborted, so the client sees
+                // an incomplete response, never a complete one it must not have.
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    format!("response body refused ({})", reply.reason),
+                );
             }
         }
         Ok(None)
@@ -1198,11 +1137,7 @@ impl ProxyHttp for Gateway {
             }
         }
         if let Some(route) = ctx.route.clone() {
-            for f in route.filters[..ctx.filters_ran.min(route.filters.len())].iter() {
-                if f.mode() != Mode::Off {
-                    f.logging(&ctx.req);
-                }
-            }
+            Chain::new(&route.filters, &MetricsSink).logging(&ctx.req);
         }
         if ctx.phi {
             if let Some(sink) = &self.audit {

@@ -235,6 +235,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             }
         }
     }
+    let filter_tasks = tasks.clone();
     if !tasks.is_empty() {
         server.add_service(background_service("filter tasks", FilterTasks(tasks)));
     }
@@ -299,6 +300,7 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         readiness,
         audit: audit.clone(),
         token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
+        filter_tasks,
         sandboxes: controls,
     };
     let mut admin_svc = Service::new("admin".to_string(), HttpServer::new_app(admin));

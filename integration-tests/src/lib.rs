@@ -465,6 +465,58 @@ impl Seen {
     }
 }
 
+/// What a scripted backend's answer function did with a request.
+pub enum Next {
+    /// A response was written: go on with the next request (unless the client asked to close).
+    Answered,
+    /// Nothing was written: wait for a next request (a stalled backend).
+    Ignored,
+    /// Close the connection now.
+    Close,
+}
+
+/// Serve one connection of a scripted backend: answer `/healthz` probes, record every other
+/// request in `seen`, and let `answer` respond to it, until the client closes or asks to.
+pub fn serve_scripted(
+    stream: TcpStream,
+    seen: &Mutex<Vec<Seen>>,
+    mut answer: impl FnMut(&Seen, &mut TcpStream) -> std::io::Result<Next>,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(stream);
+    let mut seq = 0;
+    while let Some((method, target, headers, body)) = read_request(&mut r) {
+        if target == "/healthz" {
+            if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        let close = headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"));
+        let req = Seen {
+            method,
+            target,
+            headers,
+            body,
+            conn_seq: seq,
+        };
+        seen.lock().unwrap().push(req.clone());
+        seq += 1;
+        match answer(&req, &mut w) {
+            Ok(Next::Answered) if !close => {}
+            Ok(Next::Ignored) => {}
+            _ => return,
+        }
+    }
+}
+
 /// How an echo backend answers.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum EchoMode {
@@ -752,4 +804,14 @@ pub fn curl(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// The `next` link of a FHIR Bundle (its paging link), if it has one.
+pub fn next_link(bundle: &serde_json::Value) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")?["url"]
+        .as_str()
+        .map(str::to_string)
 }

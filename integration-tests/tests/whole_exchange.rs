@@ -13,7 +13,7 @@ use flate2::{write::GzEncoder, Compression};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,6 +70,9 @@ enum Behaviour {
     Drop,
     /// Read the request and never answer it (the connection stays open until the peer closes).
     Stall,
+    /// Answer the first request of each connection; close a reused connection on the next
+    /// request without answering (a pooled connection that broke).
+    DropReused,
 }
 
 struct Backend {
@@ -213,44 +216,20 @@ fn serve(
     canned: &HashMap<String, Canned>,
     seen: &Mutex<Vec<Seen>>,
 ) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let Ok(mut w) = stream.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(stream);
-    let mut seq = 0;
-    while let Some((method, target, headers, body)) = read_request(&mut r) {
-        if target == "/healthz" {
-            if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
-        let close = headers
-            .iter()
-            .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"));
-        seen.lock().unwrap().push(Seen {
-            method: method.clone(),
-            target: target.clone(),
-            headers,
-            body: body.clone(),
-            conn_seq: seq,
-        });
-        seq += 1;
+    serve_scripted(stream, seen, |req, w| {
         match behaviour {
-            Behaviour::Drop => return,
+            Behaviour::Drop => return Ok(Next::Close),
             // Wait for a next request that never comes: the gateway times out and closes.
-            Behaviour::Stall => continue,
-            Behaviour::Serve => {}
+            Behaviour::Stall => return Ok(Next::Ignored),
+            Behaviour::DropReused if req.conn_seq > 0 => return Ok(Next::Close),
+            Behaviour::Serve | Behaviour::DropReused => {}
         }
-        let path = target.split('?').next().unwrap_or("");
-        let answer = match (method.as_str(), canned.get(path)) {
+        let path = req.target.split('?').next().unwrap_or("");
+        let answer = match (req.method.as_str(), canned.get(path)) {
             // A create: the stored resource is what was sent.
             ("POST", _) => Canned {
                 status: 201,
-                ..Canned::json(std::str::from_utf8(&body).unwrap_or("{}"))
+                ..Canned::json(std::str::from_utf8(&req.body).unwrap_or("{}"))
             },
             (_, Some(c)) => c.clone(),
             (_, None) => Canned {
@@ -260,10 +239,9 @@ fn serve(
                 )
             },
         };
-        if write_answer(&mut w, &method, &answer).is_err() || close {
-            return;
-        }
-    }
+        write_answer(w, &req.method, &answer)?;
+        Ok(Next::Answered)
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,6 +401,7 @@ routes:
       - {{ kind: jwt_auth }}
       - {{ kind: smart_scopes }}
       - {{ kind: patient_compartment }}
+  - {{ name: plain, listener: public, path_prefix: /plain, pool: fhir }}
 "#
     );
     Gateway::start(&yaml, admin)
@@ -908,6 +887,65 @@ fn a_whole_exchange_create_that_was_sent_is_never_sent_again() {
         assert_eq!(on_good, 1);
     }
     assert!(landed, "no create reached the dropping backend");
+}
+
+/// DESIGN.md's rule, one for both paths: a `POST` whose pooled (reused) upstream connection
+/// broke after it was sent is never sent again — neither by a whole exchange (a patient's
+/// create, judged whole) nor by the streaming proxy (a route without body checks).
+#[test]
+fn a_post_on_a_broken_reused_connection_is_sent_again_in_neither_path() {
+    let (dropper, good, gw, p) = failing_and_good(Behaviour::DropReused, 5000);
+    let auth = format!(
+        "Bearer {}",
+        patient_token("pat-a", "patient/*.cruds launch/patient")
+    );
+    for path in ["/fhir/Observation", "/plain/Observation"] {
+        // Round robin: the dropper answers a first create on a new connection (kept in the
+        // pool), and a later one reuses that connection and breaks.
+        let mut landed = false;
+        for i in 0..12 {
+            let body = json!({"resourceType": "Observation", "status": "final",
+                "code": {"text": format!("{path}-{i}")}, "subject": {"reference": "Patient/pat-a"}})
+            .to_string();
+            let r = call(
+                p,
+                "POST",
+                path,
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/fhir+json"),
+                ],
+                body.as_bytes(),
+            );
+            let sent = |b: &Backend| {
+                b.seen()
+                    .into_iter()
+                    .filter(|s| s.method == "POST" && s.body == body.as_bytes())
+                    .collect::<Vec<_>>()
+            };
+            let (on_dropper, on_good) = (sent(&dropper), sent(&good));
+            if on_dropper.iter().any(|s| s.conn_seq > 0) {
+                assert_eq!(on_dropper.len(), 1, "{path}: sent twice to the dropper");
+                assert!(on_good.is_empty(), "{path}: the create was sent again");
+                assert_eq!(r.status, 502, "{path}: {}\n{}", r.text(), gw.proc.log());
+                let code = if path.starts_with("/fhir") {
+                    reason(&r)
+                } else {
+                    // problem+json off FHIR routes
+                    r.json()["reason"].as_str().unwrap_or("").to_string()
+                };
+                assert_eq!(code, "upstream_error");
+                landed = true;
+                break;
+            }
+            assert_eq!(r.status, 201, "{path} create {i}: {}", r.text());
+            assert_eq!(on_dropper.len() + on_good.len(), 1, "{path}: sent once");
+        }
+        assert!(
+            landed,
+            "{path}: no create went out on a reused connection to the dropper"
+        );
+    }
 }
 
 #[test]

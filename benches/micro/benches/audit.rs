@@ -66,11 +66,11 @@ fn bench_audit(c: &mut Criterion) {
         &format!("patient={PATIENT_ID}&category=laboratory"),
     );
     ctx.facts
-        .insert("jwt_auth", app_principal())
+        .insert(caregate_filters::ctx::writers::JwtAuth, app_principal())
         .expect("first principal");
     ctx.facts
         .insert(
-            "tenant",
+            caregate_filters::ctx::writers::Tenant,
             Tenant {
                 id: TENANT.into(),
                 pool: None,

@@ -45,7 +45,7 @@ fn build_chain(rt: &tokio::runtime::Runtime) -> Vec<Arc<dyn Filter>> {
                 .unwrap_or_else(|e| panic!("build {kind}: {e}"))
         })
         .collect();
-    match cx.shared.issuer_set.get() {
+    match caregate_filters::builtin::jwt_auth::shared_issuer_set(&cx) {
         Some(Ok(set)) => {
             rt.block_on(set.refresh(0))
                 .expect("load filters/tests/keys/jwks-all.json");
@@ -69,7 +69,7 @@ fn classify_into(ctx: &mut RequestCtx, below: &str) {
     let class = classify(&ctx.method, below, &ctx.query, None, None)
         .expect("classify the recorded request");
     ctx.facts
-        .insert("gateway", class)
+        .insert(caregate_filters::ctx::writers::Gateway, class)
         .expect("first classification");
 }
 
@@ -151,7 +151,7 @@ fn bench_chain(c: &mut Criterion) {
                         .strip_prefix(route.path_prefix.as_str())
                         .unwrap_or("/")
                         .to_string();
-                    ctx.path = path;
+                    ctx.host().path = path;
                     classify_into(&mut ctx, &below);
                     run_hooks(&route.filters, &mut h, &mut ctx).await;
                     (h, ctx)

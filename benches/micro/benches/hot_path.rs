@@ -211,10 +211,10 @@ fn bench_scopes(c: &mut Criterion) {
 fn compartment_ctx(class: &FhirRequest) -> RequestCtx {
     let mut ctx = request_ctx("GET", "/fhir/Observation", "");
     ctx.facts
-        .insert("jwt_auth", app_principal())
+        .insert(caregate_filters::ctx::writers::JwtAuth, app_principal())
         .expect("first principal");
     ctx.facts
-        .insert("gateway", class.clone())
+        .insert(caregate_filters::ctx::writers::Gateway, class.clone())
         .expect("first classification");
     ctx
 }

@@ -45,7 +45,9 @@ fn response_ctx() -> (ResponseHeader, RequestCtx) {
     let mut ctx = request_ctx("GET", "/fhir/Observation", "");
     let mut p = app_principal();
     p.roles = vec![ROLE.into()];
-    ctx.facts.insert("jwt_auth", p).expect("first principal");
+    ctx.facts
+        .insert(caregate_filters::ctx::writers::JwtAuth, p)
+        .expect("first principal");
     let mut resp = ResponseHeader::build(200, None).expect("a 200 response header");
     resp.insert_header("content-type", "application/fhir+json")
         .expect("content-type");

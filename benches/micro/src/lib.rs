@@ -170,13 +170,13 @@ pub fn recorded_request(token: Option<&str>) -> RequestHeader {
 /// listener, channel, route, client, method, normalised path, query).
 pub fn request_ctx(method: &str, path: &str, query: &str) -> RequestCtx {
     let mut ctx = RequestCtx::new(Arc::from("public"), Channel::Public);
-    ctx.request_id = "0f8e6c1a-4b7d-4e2f-9a3c-5d6e7f8a9b0c".into();
-    ctx.route = Some(Arc::from("patient-fhir"));
-    ctx.fhir_route = true;
-    ctx.client_addr = Some(std::net::IpAddr::from([203, 0, 113, 7]));
-    ctx.method = method.into();
-    ctx.path = path.into();
-    ctx.query = query.into();
+    ctx.host().request_id = "0f8e6c1a-4b7d-4e2f-9a3c-5d6e7f8a9b0c".into();
+    ctx.host().route = Some(Arc::from("patient-fhir"));
+    ctx.host().fhir_route = true;
+    ctx.host().client_addr = Some(std::net::IpAddr::from([203, 0, 113, 7]));
+    ctx.host().method = method.into();
+    ctx.host().path = path.into();
+    ctx.host().query = query.into();
     ctx
 }
 

@@ -17,6 +17,7 @@
 //! credentials) and `Vary: Origin`; other origins get no CORS headers, so the browser withholds
 //! the response. Origins are compared exactly (scheme, host, port), case-insensitively.
 
+use crate::ctx::writers;
 use crate::registry::{parse_config, BuildError};
 use crate::{Decision, Filter, LocalReply, RequestCtx, RequestHeader, ResponseHeader, Result};
 use async_trait::async_trait;
@@ -175,6 +176,11 @@ impl Filter for CorsFilter {
         "cors"
     }
 
+    /// Declares nothing. Reads no fact (only the request itself): it belongs before `jwt_auth`, since a preflight carries no token.
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn request_filter(
         &self,
         req: &mut RequestHeader,
@@ -192,7 +198,7 @@ impl Filter for CorsFilter {
             if self.origin_allowed(origin_str) {
                 let _ = ctx
                     .facts
-                    .insert("cors", CorsOrigin(self.echo_value(&origin)));
+                    .insert(writers::Cors, CorsOrigin(self.echo_value(&origin)));
             }
             return Ok(Decision::Continue);
         }

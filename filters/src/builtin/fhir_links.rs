@@ -16,6 +16,7 @@
 //! backend for an uncompressed body on routes with this filter. A body over the cap is never
 //! passed on half-rewritten: the exchange is aborted.
 
+use crate::ctx::writers;
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{Filter, FilterError, RequestCtx, RequestHeader, ResponseHeader, Result};
 use async_trait::async_trait;
@@ -139,6 +140,11 @@ impl Filter for FhirLinksFilter {
         "fhir_links"
     }
 
+    /// Declares nothing. Reads no fact (only the response).
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn upstream_request_filter(
         &self,
         req: &mut RequestHeader,
@@ -166,7 +172,7 @@ impl Filter for FhirLinksFilter {
         let encoded = crate::builtin::body::is_encoded(resp);
         if crate::builtin::body::is_json(resp) && !bodyless && !encoded {
             crate::builtin::body::will_rewrite(resp);
-            if let Some(b) = ctx.facts.get_mut::<LinkRewriteBuffer>("fhir_links") {
+            if let Some(b) = ctx.facts.get_mut::<LinkRewriteBuffer>(writers::FhirLinks) {
                 // The hooks ran before on this request (an error reply after a response).
                 b.active = true;
                 b.body.clear();
@@ -174,7 +180,7 @@ impl Filter for FhirLinksFilter {
             }
             ctx.facts
                 .insert(
-                    "fhir_links",
+                    writers::FhirLinks,
                     LinkRewriteBuffer {
                         active: true,
                         body: Vec::new(),
@@ -194,7 +200,7 @@ impl Filter for FhirLinksFilter {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(buf) = ctx.facts.get_mut::<LinkRewriteBuffer>("fhir_links") else {
+        let Some(buf) = ctx.facts.get_mut::<LinkRewriteBuffer>(writers::FhirLinks) else {
             return Ok(());
         };
         if !buf.active {

@@ -13,6 +13,8 @@
 //!             - { path: birthDate, action: year }
 //!             - { path: identifier.value, action: { last_chars: 4 } }
 //!     default: null                  # rules for callers no profile matches (none: unmasked)
+//!                                    # a request with NO verified caller gets the strictest
+//!                                    # rules of all profiles and the default together
 //!     max_body_bytes: 33554432
 //! ```
 //! Masked elements are removed or reduced; every other byte stays exactly as the backend sent
@@ -21,6 +23,7 @@
 //! be parsed, is compressed anyway, or is over the cap is never passed on: the exchange is
 //! aborted. HEAD, 204 and 304 pass untouched.
 
+use crate::ctx::writers;
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{
@@ -29,7 +32,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use caregate_mask::{MaskRules, Masker};
+use caregate_mask::{MaskAction, MaskRule, MaskRules, Masker};
 use http::{header, StatusCode};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -63,6 +66,9 @@ fn d_max() -> usize {
 pub struct FhirMaskFilter {
     profiles: Vec<(Vec<String>, Arc<Masker>)>,
     default: Option<Arc<Masker>>,
+    /// Every profile's and the default's rules together, each element treated by the strictest
+    /// rule any of them has: for a request with no verified caller (fail closed).
+    strictest: Arc<Masker>,
     max: usize,
     mode: Mode,
 }
@@ -100,6 +106,7 @@ pub fn build(
 ) -> std::result::Result<Arc<dyn Filter>, BuildError> {
     let c: FhirMaskConfig = parse_config(config)?;
     let mut profiles = Vec::new();
+    let mut all_rules = Vec::new();
     for (i, p) in c.profiles.into_iter().enumerate() {
         if p.roles.is_empty() {
             return Err(BuildError::new(
@@ -107,11 +114,19 @@ pub fn build(
                 "list at least one role",
             ));
         }
-        let m = rules(&format!("config.profiles[{i}].resources"), p.resources)?;
+        let place = format!("config.profiles[{i}].resources");
+        let r = mask_rules(&place, p.resources)?;
+        let m = Masker::new(r.clone()).map_err(|e| BuildError::new(&place, e))?;
+        all_rules.push(r);
         profiles.push((p.roles, Arc::new(m)));
     }
     let default = match c.default {
-        Some(r) => Some(Arc::new(rules("config.default", r)?)),
+        Some(v) => {
+            let r = mask_rules("config.default", v)?;
+            let m = Masker::new(r.clone()).map_err(|e| BuildError::new("config.default", e))?;
+            all_rules.push(r);
+            Some(Arc::new(m))
+        }
         None => None,
     };
     if profiles.is_empty() && default.is_none() {
@@ -120,19 +135,88 @@ pub fn build(
             "give at least one profile or a default",
         ));
     }
+    let strictest = Masker::new(strictest_rules(&all_rules))
+        .map_err(|e| BuildError::new("config (the strictest rules of all profiles)", e))?;
     Ok(Arc::new(FhirMaskFilter {
         profiles,
         default,
+        strictest: Arc::new(strictest),
         max: c.max_body_bytes.max(1),
         mode: c.mode,
     }))
 }
 
-fn rules(path: &str, v: serde_yaml::Value) -> std::result::Result<Masker, BuildError> {
+fn mask_rules(path: &str, v: serde_yaml::Value) -> std::result::Result<MaskRules, BuildError> {
     let json = serde_json::to_value(v).map_err(|e| BuildError::new(path, e.to_string()))?;
     let resources =
         serde_json::from_value(json).map_err(|e| BuildError::new(path, e.to_string()))?;
-    Masker::new(MaskRules { resources }).map_err(|e| BuildError::new(path, e))
+    Ok(MaskRules { resources })
+}
+
+/// The stricter of two actions on the same element: the same action stays (two `keep_only`
+/// lists keep only what both keep, two `last_chars` the fewer); `redact` beats the string
+/// reductions; any other mix, and anything with `remove`, removes.
+fn stricter(a: &MaskAction, b: &MaskAction) -> MaskAction {
+    use MaskAction::*;
+    match (a, b) {
+        _ if a == b => a.clone(),
+        (KeepOnly(x), KeepOnly(y)) => {
+            let both: Vec<String> = x.iter().filter(|k| y.contains(k)).cloned().collect();
+            if both.is_empty() {
+                Remove
+            } else {
+                KeepOnly(both)
+            }
+        }
+        (LastChars(n), LastChars(m)) => LastChars((*n).min(*m)),
+        (Redact, Year | LastChars(_)) | (Year | LastChars(_), Redact) => Redact,
+        _ => Remove,
+    }
+}
+
+/// The rules one profile applies to resource type `rtype` (`"*"` for types it does not name):
+/// its own list for the type, plus its `"*"` rules on paths the own list does not name.
+fn effective_rules(set: &MaskRules, rtype: &str) -> Vec<MaskRule> {
+    let own = set.resources.get(rtype).cloned().unwrap_or_default();
+    let mut out = own.clone();
+    if rtype != "*" {
+        for w in set.resources.get("*").into_iter().flatten() {
+            if !own.iter().any(|o| o.path == w.path) {
+                out.push(w.clone());
+            }
+        }
+    }
+    out
+}
+
+/// One rule set that treats every element at least as strictly as each of `sets` does: the
+/// rules a request without a verified caller gets, whatever profile it would have matched.
+fn strictest_rules(sets: &[MaskRules]) -> MaskRules {
+    let types: std::collections::BTreeSet<&String> =
+        sets.iter().flat_map(|s| s.resources.keys()).collect();
+    let mut resources = std::collections::BTreeMap::new();
+    for rtype in types {
+        let mut merged: Vec<MaskRule> = Vec::new();
+        for set in sets {
+            for rule in effective_rules(set, rtype) {
+                match merged.iter_mut().find(|m| m.path == rule.path) {
+                    Some(m) => m.action = stricter(&m.action, &rule.action),
+                    None => merged.push(rule),
+                }
+            }
+        }
+        // A path inside a removed element has nothing left to mask (and may not be listed).
+        let removed: Vec<String> = merged
+            .iter()
+            .filter(|m| m.action == MaskAction::Remove)
+            .map(|m| format!("{}.", m.path))
+            .collect();
+        merged.retain(|m| !removed.iter().any(|r| m.path.starts_with(r.as_str())));
+        if !merged.is_empty() {
+            resources.insert(rtype.clone(), merged);
+        }
+    }
+    MaskRules { resources }
 }
 
 fn abort(why: &str) -> FilterError {
@@ -181,7 +265,7 @@ impl FhirMaskFilter {
         crate::builtin::body::will_rewrite(resp);
         ctx.facts
             .insert(
-                "fhir_mask",
+                writers::FhirMask,
                 MaskBuffer {
                     masker: Some(masker),
                     body: Vec::new(),
@@ -201,7 +285,7 @@ impl FhirMaskFilter {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(buf) = ctx.facts.get_mut::<MaskBuffer>("fhir_mask") else {
+        let Some(buf) = ctx.facts.get_mut::<MaskBuffer>(writers::FhirMask) else {
             return Ok(());
         };
         let Some(masker) = buf.masker.clone() else {
@@ -226,11 +310,12 @@ impl FhirMaskFilter {
     }
 
     fn masker_for(&self, ctx: &RequestCtx) -> Option<Arc<Masker>> {
-        let roles: &[String] = ctx
-            .facts
-            .get::<Principal>()
-            .map(|p| p.roles.as_slice())
-            .unwrap_or(&[]);
+        let Some(principal) = ctx.facts.get::<Principal>() else {
+            // No verified caller (the chain lets anonymous callers through, or runs this before
+            // jwt_auth): the strictest rules, never none.
+            return Some(self.strictest.clone());
+        };
+        let roles = principal.roles.as_slice();
         self.profiles
             .iter()
             .find(|(want, _)| want.iter().any(|w| roles.contains(w)))
@@ -247,6 +332,14 @@ impl Filter for FhirMaskFilter {
 
     fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Reads the verified caller (its roles; without one, the strictest rules apply); once per
+    /// chain (its per-response state has one writer).
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::new()
+            .reads(&[crate::Capability::Principal])
+            .once()
     }
 
     async fn upstream_request_filter(
@@ -307,7 +400,7 @@ mod tests {
         let mut c = RequestCtx::for_test("GET", "/fhir/Patient/1");
         c.facts
             .insert(
-                "jwt_auth",
+                writers::JwtAuth,
                 Principal {
                     subject: "s".into(),
                     issuer: None,
@@ -471,5 +564,80 @@ mod tests {
             }
         }
         assert!(files > 200, "{files}");
+    }
+
+    fn mask_as(f: &Arc<dyn Filter>, c: &mut RequestCtx, body: &[u8]) -> String {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "application/fhir+json")
+            .unwrap();
+        f.response_filter(&mut resp, c).unwrap();
+        let mut chunk = Some(Bytes::copy_from_slice(body));
+        f.response_body_filter(&mut chunk, true, c).unwrap();
+        String::from_utf8(chunk.unwrap().to_vec()).unwrap()
+    }
+
+    /// With no verified caller (the filter ran before jwt_auth, or the route let an anonymous
+    /// caller through) the response gets every profile's rules at their strictest, even where
+    /// no profile and no default would mask for a caller without the roles.
+    #[tokio::test]
+    async fn no_verified_caller_gets_the_strictest_rules_of_all_profiles() {
+        let f = build(
+            serde_yaml::from_str(
+                "profiles:\n  - roles: [billing]\n    resources:\n      Patient:\n        - { path: telecom, action: remove }\n        - { path: birthDate, action: year }\n        - { path: address, action: { keep_only: [state, city] } }\n  - roles: [front_desk]\n    resources:\n      Patient:\n        - { path: birthDate, action: redact }\n        - { path: address, action: { keep_only: [state, postalCode] } }\n        - { path: identifier.value, action: { last_chars: 4 } }\n      \"*\":\n        - { path: note, action: remove }\n",
+            )
+            .unwrap(),
+            &BuildContext::default(),
+        )
+        .unwrap();
+        let body = br#"{"resourceType":"Patient","id":"1","telecom":[{"value":"555-0100"}],"birthDate":"1961-04-12","address":[{"city":"Boston","state":"MA","postalCode":"02110"}],"identifier":[{"value":"123456789"}],"note":[{"text":"n"}]}"#;
+        let mut anonymous = RequestCtx::for_test("GET", "/fhir/Patient/1");
+        // The request is held whole, so a body that cannot be masked is a clean error.
+        let mut req = RequestHeader::build("GET", b"/fhir/Patient/1", None).unwrap();
+        assert!(matches!(
+            f.request_filter(&mut req, &mut anonymous).await,
+            Ok(Decision::Continue)
+        ));
+        assert!(anonymous.whole_exchange());
+        let out = mask_as(&f, &mut anonymous, body);
+        assert!(!out.contains("555"), "telecom removed: {out}");
+        assert!(
+            out.contains(r#""birthDate":"REDACTED""#),
+            "redact beats year: {out}"
+        );
+        assert!(
+            out.contains(r#""state":"MA""#) && !out.contains("Boston") && !out.contains("02110"),
+            "only what both keep_only lists keep: {out}"
+        );
+        assert!(out.contains("6789") && !out.contains("12345"), "{out}");
+        assert!(!out.contains(r#""note""#), "the wildcard rule too: {out}");
+        // A verified caller with no matching role and no default: untouched, as before.
+        let mut clinician = ctx("clinician");
+        assert_eq!(mask_as(&f, &mut clinician, body).as_bytes(), body);
+        // A billing caller gets billing's rules only.
+        let mut billing = ctx("billing");
+        let out = mask_as(&f, &mut billing, body);
+        assert!(
+            out.contains(r#""birthDate":"1961""#) && out.contains("Boston"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn strictest_rules_merge_actions_and_drop_paths_inside_removed_ones() {
+        let set = |yaml: &str| mask_rules("t", serde_yaml::from_str(yaml).unwrap()).unwrap();
+        let merged = strictest_rules(&[
+            set("Patient: [ { path: name, action: remove }, { path: gender, action: year } ]"),
+            set("Patient: [ { path: name.given, action: redact }, { path: gender, action: { last_chars: 2 } } ]\nObservation: [ { path: note, action: redact } ]"),
+        ]);
+        let patient = &merged.resources["Patient"];
+        assert_eq!(patient.len(), 2, "{patient:?}");
+        assert!(patient
+            .iter()
+            .any(|r| r.path == "name" && r.action == MaskAction::Remove));
+        assert!(patient
+            .iter()
+            .any(|r| r.path == "gender" && r.action == MaskAction::Remove));
+        assert_eq!(merged.resources["Observation"].len(), 1);
+        assert!(Masker::new(merged).is_ok());
     }
 }

@@ -128,6 +128,11 @@ impl Filter for HeadersFilter {
         "headers"
     }
 
+    /// Declares nothing. Reads no fact.
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn upstream_request_filter(
         &self,
         req: &mut RequestHeader,

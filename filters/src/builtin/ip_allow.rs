@@ -272,6 +272,11 @@ impl Filter for IpAllowFilter {
         self.mode
     }
 
+    /// Declares nothing. Reads no fact (the client address is the gateway's own field of the ctx).
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn request_filter(
         &self,
         _req: &mut RequestHeader,
@@ -304,7 +309,7 @@ mod tests {
 
     async fn run(f: &Arc<dyn Filter>, addr: Option<&str>) -> Option<&'static str> {
         let mut ctx = RequestCtx::for_test("GET", "/fhir/Patient");
-        ctx.client_addr = addr.map(|a| a.parse().unwrap());
+        ctx.host().client_addr = addr.map(|a| a.parse().unwrap());
         let mut req = RequestHeader::build("GET", b"/fhir/Patient", None).unwrap();
         match f.request_filter(&mut req, &mut ctx).await.unwrap() {
             Decision::Continue => None,

@@ -6,8 +6,9 @@
 //!   config: { mode: enforce, max_body_bytes: 16777216 }
 //! ```
 //! Applies to principals with a patient context (a token's configured patient claim); other
-//! callers pass. Refused with 403 `patient_compartment`: another patient's id anywhere in the
-//! request, a search not scoped to the caller's patient by one of the type's linking parameters,
+//! verified callers pass. A request with no verified caller at all (the filter placed before
+//! `jwt_auth`, or an anonymous caller on an optional-bearer route) is refused: it fails closed.
+//! Refused with 403 `patient_compartment`: another patient's id anywhere in the request, a search not scoped to the caller's patient by one of the type's linking parameters,
 //! chained and `_has` parameters, `$everything` or compartment searches for another patient,
 //! system-level searches and history, types outside the compartment, conditional writes, and
 //! bulk `$export` unless `allow_bulk_export` (then only for the caller's own patient). A create
@@ -18,9 +19,18 @@
 //!
 //! What the request alone cannot tell is checked on whole bodies, before anything is released
 //! (the gateway runs these requests as whole exchanges):
-//! - a read by id, a search (with `_include`/`_revinclude` too), `$everything`: every returned
-//!   resource — the resource, each entry of a Bundle, and contained resources — must belong to
-//!   the caller's compartment, otherwise the client gets `404 not_found` and none of the data;
+//! - a read by id, a search (with `_include`/`_revinclude` too), `$everything`: nothing returned
+//!   may be another patient's, otherwise the client gets `404 not_found` and none of the data
+//!   ([`check_body`], [`standing`]). A read returns a resource of the caller's own. In a Bundle,
+//!   each entry is either the caller's own — their `Patient`, or a resource that references
+//!   their patient and no other (a resource of a type the CompartmentDefinition lists with
+//!   parameters that references no patient stays refused: whose it is cannot be told) — or of
+//!   a type outside the compartment (`Practitioner`, `Organization`, `Location`, `Medication`,
+//!   ...) that references no patient and embeds no compartment-type resource. Such an entry is
+//!   released only with the caller's own data: anything `$everything` returns, an `include`
+//!   entry, or an entry the caller's released entries reference. A `Patient` other than the
+//!   caller, a `Patient` embedded anywhere (`contained`, a nested Bundle), and a resource that
+//!   references another patient are refused wherever they are;
 //! - an update, patch or delete by id: the stored resource is read first (a pre-read on the
 //!   same upstream) and must belong to the compartment (else `404 not_found`); the new state
 //!   must too (an update's body; a JSON Patch is applied to the stored resource and the result
@@ -30,6 +40,7 @@
 //! FHIR XML and `Binary` cannot be judged and are refused unless allowed; FHIRPath Patch is
 //! refused (only JSON Patch can be applied to judge the result).
 
+use crate::ctx::writers;
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{
@@ -88,6 +99,9 @@ pub struct CompartmentState {
     pub check_request_body: bool,
     pub request_body: Vec<u8>,
     pub check_response: bool,
+    /// The caller's own `Patient/<id>/$everything`: what it returns of types outside the
+    /// compartment is released without a reference from the caller's entries.
+    pub everything: bool,
     pub response_body: Vec<u8>,
     /// An update, patch or delete by id: what the pre-read found.
     pub write: Option<WriteCheck>,
@@ -291,77 +305,288 @@ pub fn export_for(patient: &str, req: &FhirRequest) -> bool {
             .all(|v| referenced_patient(v, true).as_deref() == Some(patient))
 }
 
-/// Every patient a resource (and its contained resources) references.
-fn patients_in(v: &Value, out: &mut Vec<String>) {
+/// What one walk over a resource finds.
+#[derive(Default)]
+struct Scan<'a> {
+    /// Every patient referenced anywhere in it (contained resources included).
+    patients: Vec<String>,
+    /// The type of every resource embedded in it at any depth (contained resources, a nested
+    /// Bundle's entries, a `Parameters` value): any object with a `resourceType` member, `None`
+    /// when that is not a string.
+    embedded: Vec<Option<&'a str>>,
+}
+
+fn scan<'a>(v: &'a Value, root: bool, out: &mut Scan<'a>) {
     match v {
         Value::Object(m) => {
+            if !root {
+                if let Some(t) = m.get("resourceType") {
+                    out.embedded.push(t.as_str());
+                }
+            }
             for (k, val) in m {
                 if k == "reference" {
                     if let Some(id) = val.as_str().and_then(|s| referenced_patient(s, false)) {
-                        out.push(id);
+                        out.patients.push(id);
                     }
                 } else {
-                    patients_in(val, out);
+                    scan(val, false, out);
                 }
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| patients_in(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| scan(x, false, out)),
         _ => {}
     }
 }
 
-/// Whether a resource belongs to `patient`'s compartment: the Patient itself, or a resource that
-/// references that patient and no other. A contained Patient (a patient the compartment cannot
-/// identify) never belongs.
-pub fn resource_in_compartment(r: &Value, patient: &str) -> bool {
-    let contains_patient = r
-        .get("contained")
-        .and_then(Value::as_array)
-        .map(|c| {
-            c.iter()
-                .any(|x| x.get("resourceType").and_then(Value::as_str) == Some("Patient"))
-        })
-        .unwrap_or(false);
-    if contains_patient {
-        return false;
+/// What a returned resource is to a caller confined to one patient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The caller's: their own `Patient`, an `OperationOutcome`, or a resource that references
+    /// the caller's patient and no other.
+    Own,
+    /// Of a type outside the Patient compartment (`Practitioner`, `Organization`, `Location`,
+    /// `Medication`, ...: the CompartmentDefinition lists no parameter for it), referencing no
+    /// patient and carrying no resource of a compartment type. Not anyone's record: released
+    /// with the caller's own data only (see [`check_body`]).
+    Outside,
+    /// Another patient's, or a patient's the compartment cannot tell (a `Patient` embedded in
+    /// another resource, a compartment-type resource that references no patient): never
+    /// released.
+    Foreign,
+}
+
+/// What a resource is to `patient`'s compartment (see [`Standing`]).
+///
+/// - A `Patient` is the caller's own when its id is the caller's and it links no other patient.
+/// - Any resource that references the caller's patient (every `reference` in it, contained
+///   resources included) and no other patient is the caller's own, whatever its type.
+/// - A resource of a compartment type that references no patient stays refused: whose it is
+///   cannot be told.
+/// - A resource of a type outside the compartment that references no patient is `Outside`,
+///   unless it embeds a resource of a compartment type (which, referencing no patient either,
+///   cannot be told whose it is).
+/// - A resource that references another patient, or embeds a `Patient` anywhere (in
+///   `contained`, in a nested Bundle), is `Foreign`.
+pub fn standing(r: &Value, patient: &str) -> Standing {
+    let Some(ty) = r.get("resourceType").and_then(Value::as_str) else {
+        return Standing::Foreign;
+    };
+    let mut found = Scan::default();
+    scan(r, true, &mut found);
+    if found
+        .embedded
+        .iter()
+        .any(|t| matches!(t, None | Some("Patient")))
+    {
+        return Standing::Foreign;
     }
-    match r.get("resourceType").and_then(Value::as_str) {
-        Some("Patient") => {
-            let mut refs = Vec::new();
-            patients_in(r, &mut refs);
-            r.get("id").and_then(Value::as_str) == Some(patient)
-                && refs.iter().all(|p| p == patient)
+    let refs = found.patients;
+    if refs.iter().any(|p| p != patient) {
+        return Standing::Foreign;
+    }
+    match ty {
+        "Patient" if r.get("id").and_then(Value::as_str) == Some(patient) => Standing::Own,
+        "Patient" => Standing::Foreign,
+        "OperationOutcome" => Standing::Own,
+        _ if !refs.is_empty() => Standing::Own,
+        t if PatientCompartment::contains(t) => Standing::Foreign,
+        _ if found
+            .embedded
+            .iter()
+            .flatten()
+            .any(|t| PatientCompartment::contains(t)) =>
+        {
+            Standing::Foreign
         }
-        Some("OperationOutcome") => true,
-        Some(_) => {
-            let mut refs = Vec::new();
-            patients_in(r, &mut refs);
-            !refs.is_empty() && refs.iter().all(|p| p == patient)
-        }
-        None => false,
+        _ => Standing::Outside,
     }
 }
 
-/// Check a response body: a resource, or every entry of a Bundle (`match`, `include` and
-/// `outcome` entries alike).
-pub fn body_in_compartment(body: &[u8], patient: &str) -> bool {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return false;
-    };
-    if v.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-        return v
-            .get("entry")
-            .and_then(Value::as_array)
-            .map(|es| {
-                es.iter().all(|e| {
-                    e.get("resource")
-                        .map(|r| resource_in_compartment(r, patient))
-                        .unwrap_or(true)
-                })
-            })
-            .unwrap_or(true);
+/// Whether a resource belongs to `patient`'s compartment: the Patient itself, or a resource that
+/// references that patient and no other. A resource that embeds a Patient (a patient the
+/// compartment cannot identify) never belongs. Resources of types outside the compartment that
+/// reference no patient do not belong either: they are released only in a Bundle, with the
+/// caller's own data ([`check_body`]).
+pub fn resource_in_compartment(r: &Value, patient: &str) -> bool {
+    standing(r, patient) == Standing::Own
+}
+
+/// The targets of every literal reference in `v`: the reference itself (for `urn:uuid:` and
+/// other `fullUrl`s) and the `Type/id` it ends in (relative or absolute, `/_history/n` dropped).
+/// Local references (`#id`) name contained resources and are left out.
+fn reference_targets(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                match (k.as_str(), val.as_str()) {
+                    ("reference", Some(s)) if !s.starts_with('#') => {
+                        out.push(s.to_string());
+                        if let Some(t) = type_and_id(s) {
+                            out.push(t);
+                        }
+                    }
+                    _ => reference_targets(val, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| reference_targets(x, out)),
+        _ => {}
     }
-    resource_in_compartment(&v, patient)
+}
+
+/// `Type/id` of a relative or absolute literal reference, without `/_history/n`.
+fn type_and_id(reference: &str) -> Option<String> {
+    let s = match reference.find("/_history/") {
+        Some(i) => &reference[..i],
+        None => reference,
+    };
+    let s = s.split(['?', '#']).next().unwrap_or(s);
+    let mut segs = s.rsplit('/');
+    let id = segs.next().filter(|x| !x.is_empty())?;
+    let ty = segs
+        .next()
+        .filter(|t| t.starts_with(|c: char| c.is_ascii_uppercase()))?;
+    Some(format!("{ty}/{id}"))
+}
+
+/// A resource outside the Bundle's entries (`entry.response.outcome`, R5 `issues`) may only be
+/// an `OperationOutcome` of the caller's.
+fn only_outcomes(v: &Value, patient: &str) -> bool {
+    match v {
+        Value::Object(m) if m.contains_key("resourceType") => {
+            m.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
+                && standing(v, patient) == Standing::Own
+        }
+        Value::Object(m) => m.values().all(|x| only_outcomes(x, patient)),
+        Value::Array(a) => a.iter().all(|x| only_outcomes(x, patient)),
+        _ => true,
+    }
+}
+
+/// Check a response body for a caller confined to `patient`. `Err` says why it is refused (a
+/// fixed text, for the log: the client only ever sees `404 not_found`).
+///
+/// A single resource must be the caller's own ([`Standing::Own`]). In a Bundle every entry's
+/// resource (`match`, `include` and `outcome` entries alike) must be the caller's own or of a
+/// type outside the compartment ([`Standing::Outside`]), and nothing may be another patient's.
+/// An `Outside` resource is released only when the exchange returns it for the caller's own
+/// data: the whole response of `$everything` (`everything`), an entry with `search.mode`
+/// `include` (`_include`, `_revinclude`), or an entry that a released entry references (by
+/// `Type/id` under any base, or by its `fullUrl`) — so a `match` entry of an outside type that
+/// none of the caller's entries references is refused.
+pub fn check_body(
+    body: &[u8],
+    patient: &str,
+    everything: bool,
+) -> std::result::Result<(), &'static str> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Err("the response is not JSON");
+    };
+    if v.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return match standing(&v, patient) {
+            Standing::Own => Ok(()),
+            Standing::Outside => Err("the resource is of a type outside the patient compartment"),
+            Standing::Foreign => Err("the resource is another patient's, or no patient's"),
+        };
+    }
+    let Value::Object(bundle) = &v else {
+        return Err("the response is not a FHIR resource");
+    };
+    if !bundle
+        .iter()
+        .filter(|(k, _)| k.as_str() != "entry")
+        .all(|(_, x)| only_outcomes(x, patient))
+    {
+        return Err("the Bundle carries a resource outside its entries");
+    }
+    let entries: &[Value] = match bundle.get("entry") {
+        None => &[],
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err("Bundle.entry is not a list"),
+    };
+    // The entries of outside types that are not released yet.
+    let mut waiting: Vec<&Value> = Vec::new();
+    let mut released: Vec<&Value> = Vec::new();
+    for e in entries {
+        let Value::Object(entry) = e else {
+            return Err("a Bundle entry is not an object");
+        };
+        if !entry
+            .iter()
+            .filter(|(k, _)| k.as_str() != "resource")
+            .all(|(_, x)| only_outcomes(x, patient))
+        {
+            return Err("a Bundle entry carries a resource besides its own");
+        }
+        let Some(r) = entry.get("resource") else {
+            continue;
+        };
+        match standing(r, patient) {
+            Standing::Foreign => {
+                return Err(
+                    "an entry is another patient's, or a compartment resource of no patient",
+                )
+            }
+            Standing::Own => released.push(r),
+            Standing::Outside => {
+                let included = e
+                    .get("search")
+                    .and_then(|s| s.get("mode"))
+                    .and_then(Value::as_str)
+                    == Some("include");
+                if everything || included {
+                    released.push(r);
+                } else {
+                    waiting.push(e);
+                }
+            }
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    // Release what the released entries reference, and what that references in turn.
+    let mut by_target: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (i, e) in waiting.iter().enumerate() {
+        let r = e.get("resource");
+        let ty = r
+            .and_then(|r| r.get("resourceType"))
+            .and_then(Value::as_str);
+        let id = r.and_then(|r| r.get("id")).and_then(Value::as_str);
+        if let (Some(ty), Some(id)) = (ty, id) {
+            by_target.entry(format!("{ty}/{id}")).or_default().push(i);
+        }
+        if let Some(url) = e.get("fullUrl").and_then(Value::as_str) {
+            by_target.entry(url.to_string()).or_default().push(i);
+        }
+    }
+    let mut done = vec![false; waiting.len()];
+    let mut queue = Vec::new();
+    released
+        .iter()
+        .for_each(|r| reference_targets(r, &mut queue));
+    while let Some(target) = queue.pop() {
+        for i in by_target.remove(&target).unwrap_or_default() {
+            if !done[i] {
+                done[i] = true;
+                if let Some(r) = waiting[i].get("resource") {
+                    reference_targets(r, &mut queue);
+                }
+            }
+        }
+    }
+    if done.iter().all(|d| *d) {
+        Ok(())
+    } else {
+        Err("an entry of a type outside the patient compartment that the caller's own entries do not reference")
+    }
+}
+
+/// Whether a response body may be released to a caller confined to `patient` (outside
+/// `$everything`): [`check_body`].
+pub fn body_in_compartment(body: &[u8], patient: &str) -> bool {
+    check_body(body, patient, false).is_ok()
 }
 
 /// Two entity tags name the same version (weak comparison, RFC 9110 §8.8.3.2).
@@ -460,12 +685,32 @@ impl Filter for PatientCompartmentFilter {
         self.mode
     }
 
+    /// Needs the verified caller (its patient context) and the gateway's FHIR classification;
+    /// provides the confinement of patient-context callers; once per chain (its per-request
+    /// state has one writer); confines access.
+    fn declaration(&self) -> crate::Declaration {
+        use crate::Capability::{Classification, PatientConfinement, Principal};
+        crate::Declaration::new()
+            .needs(&[Principal, Classification])
+            .provides(&[PatientConfinement])
+            .once()
+            .confining()
+    }
+
     async fn request_filter(
         &self,
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Decision> {
-        let Some(patient) = ctx.facts.get::<Principal>().and_then(|p| p.patient.clone()) else {
+        // Fail closed: a chain that runs this before the identity filter (or a route whose
+        // identity filter let an anonymous caller through) has no verified caller to confine.
+        // A caller without a patient context (a practitioner, a system) is not confined here.
+        let Some(principal) = ctx.facts.get::<Principal>() else {
+            return Ok(refuse(
+                "no verified caller: the patient compartment cannot be applied",
+            ));
+        };
+        let Some(patient) = principal.patient.clone() else {
             return Ok(Decision::Continue);
         };
         let Some(class) = ctx.facts.get::<FhirRequest>() else {
@@ -503,7 +748,7 @@ impl Filter for PatientCompartmentFilter {
                 ..Default::default()
             };
             ctx.facts
-                .insert("patient_compartment", state)
+                .insert(writers::PatientCompartment, state)
                 .map_err(fact_error)?;
             ctx.require_whole_exchange();
             return Ok(Decision::Continue);
@@ -566,15 +811,18 @@ impl Filter for PatientCompartmentFilter {
                     .map(|w| w.interaction != Some(Interaction::Delete))
                     .unwrap_or(false),
             check_response: follow != Follow::Nothing,
+            everything: follow == Follow::Response
+                && class.interaction == Interaction::OperationInstance
+                && class.operation.as_deref() == Some("$everything"),
             write,
             ..Default::default()
         };
         ctx.facts
-            .insert("patient_compartment", state)
+            .insert(writers::PatientCompartment, state)
             .map_err(fact_error)?;
         match preread {
             Some(path) => ctx
-                .request_preread("patient_compartment", path)
+                .request_preread(writers::PatientCompartment, path)
                 .map_err(fact_error)?,
             None if follow != Follow::Nothing => ctx.require_whole_exchange(),
             None => {}
@@ -583,7 +831,10 @@ impl Filter for PatientCompartmentFilter {
     }
 
     fn preread_filter(&self, stored: &Stored, ctx: &mut RequestCtx) -> Result<Decision> {
-        let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
+        let Some(st) = ctx
+            .facts
+            .get_mut::<CompartmentState>(writers::PatientCompartment)
+        else {
             return Ok(Decision::Continue);
         };
         let patient = st.patient.clone();
@@ -638,7 +889,10 @@ impl Filter for PatientCompartmentFilter {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Decision> {
-        let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
+        let Some(st) = ctx
+            .facts
+            .get_mut::<CompartmentState>(writers::PatientCompartment)
+        else {
             return Ok(Decision::Continue);
         };
         if !st.check_request_body {
@@ -671,7 +925,10 @@ impl Filter for PatientCompartmentFilter {
             *chunk = Some(Bytes::from(body));
             return match verdict {
                 Ok(follow) => {
-                    if let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") {
+                    if let Some(st) = ctx
+                        .facts
+                        .get_mut::<CompartmentState>(writers::PatientCompartment)
+                    {
                         st.check_response = follow != Follow::Nothing;
                     }
                     Ok(Decision::Continue)
@@ -786,7 +1043,10 @@ impl Filter for PatientCompartmentFilter {
             .get(header::CONTENT_LENGTH)
             .map(|v| v.as_bytes() == b"0")
             .unwrap_or(false);
-        let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
+        let Some(st) = ctx
+            .facts
+            .get_mut::<CompartmentState>(writers::PatientCompartment)
+        else {
             return Ok(());
         };
         if head || empty || !st.check_response || !(200..300).contains(&status) || status == 204 {
@@ -817,7 +1077,10 @@ impl Filter for PatientCompartmentFilter {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(st) = ctx.facts.get_mut::<CompartmentState>("patient_compartment") else {
+        let Some(st) = ctx
+            .facts
+            .get_mut::<CompartmentState>(writers::PatientCompartment)
+        else {
             return Ok(());
         };
         if !st.check_response {
@@ -835,15 +1098,19 @@ impl Filter for PatientCompartmentFilter {
         if end_of_stream {
             let body = std::mem::take(&mut st.response_body);
             st.check_response = false;
-            if !body_in_compartment(&body, &st.patient) {
+            let verdict = check_body(&body, &st.patient, st.everything);
+            // The held body goes back whatever the verdict: a refusal in shadow mode releases
+            // it whole (in enforce the gateway discards it and answers the refusal).
+            *chunk = Some(Bytes::from(body));
+            if let Err(why) = verdict {
                 ctx.refuse_response(not_found());
                 return Err(FilterError {
                     filter: "patient_compartment",
-                    message: "the response holds data outside the caller's compartment; refused"
-                        .into(),
+                    message: format!(
+                        "the response holds data outside the caller's compartment ({why}); refused"
+                    ),
                 });
             }
-            *chunk = Some(Bytes::from(body));
         }
         Ok(())
     }
@@ -941,6 +1208,319 @@ mod tests {
             {"resource": own, "search": {"mode": "match"}},
             {"resource": {"resourceType": "Patient", "id": "B"}, "search": {"mode": "include"}}]});
         assert!(!body_in_compartment(included.to_string().as_bytes(), "A"));
+    }
+
+    fn entry(resource: Value, mode: &str) -> Value {
+        let ty = resource["resourceType"].as_str().unwrap_or("X").to_string();
+        let id = resource["id"].as_str().unwrap_or("x").to_string();
+        json!({"fullUrl": format!("http://fhir.test/{ty}/{id}"), "resource": resource, "search": {"mode": mode}})
+    }
+
+    fn searchset(entries: Vec<Value>) -> Vec<u8> {
+        json!({"resourceType": "Bundle", "type": "searchset", "entry": entries})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn encounter(id: &str, patient: &str) -> Value {
+        json!({"resourceType": "Encounter", "id": id, "status": "finished",
+            "subject": {"reference": format!("Patient/{patient}")},
+            "participant": [{"individual": {"reference": "Practitioner/pr1"}}],
+            "serviceProvider": {"reference": "Organization/org1"}})
+    }
+
+    fn practitioner(id: &str) -> Value {
+        json!({"resourceType": "Practitioner", "id": id, "name": [{"family": "Kassulke"}]})
+    }
+
+    fn organization(id: &str) -> Value {
+        json!({"resourceType": "Organization", "id": id, "name": "Clinic"})
+    }
+
+    #[test]
+    fn standing_follows_the_compartment_definition() {
+        use Standing::*;
+        let cases = [
+            (json!({"resourceType": "Patient", "id": "A"}), Own),
+            (json!({"resourceType": "Patient", "id": "B"}), Foreign),
+            (encounter("e1", "A"), Own),
+            (encounter("e1", "B"), Foreign),
+            (
+                json!({"resourceType": "OperationOutcome", "issue": []}),
+                Own,
+            ),
+            // Types outside the compartment that reference no patient.
+            (practitioner("pr1"), Outside),
+            (organization("org1"), Outside),
+            (
+                json!({"resourceType": "Location", "id": "l1", "managingOrganization": {"reference": "Organization/org1"}}),
+                Outside,
+            ),
+            (
+                json!({"resourceType": "Medication", "id": "m1", "contained": [{"resourceType": "Substance", "id": "s"}]}),
+                Outside,
+            ),
+            (
+                json!({"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "Practitioner/pr1"}}),
+                Outside,
+            ),
+            // An outside type that references a patient is that patient's.
+            (
+                json!({"resourceType": "Device", "id": "d1", "patient": {"reference": "Patient/A"}}),
+                Own,
+            ),
+            (
+                json!({"resourceType": "Device", "id": "d1", "patient": {"reference": "Patient/B"}}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Practitioner", "id": "pr1", "extension": [{"url": "x", "valueReference": {"reference": "http://fhir.test/Patient/B"}}]}),
+                Foreign,
+            ),
+            // An embedded Patient, anywhere: the compartment cannot tell who that is.
+            (
+                json!({"resourceType": "Organization", "id": "o", "contained": [{"resourceType": "Patient", "id": "p"}]}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/A"},
+                "contained": [{"resourceType": "List", "id": "l", "contained": [{"resourceType": "Patient", "id": "p"}]}]}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient", "id": "A"}}]}),
+                Foreign,
+            ),
+            // A compartment-type resource of no patient, also inside an outside type.
+            (
+                json!({"resourceType": "Encounter", "id": "e", "status": "finished"}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Practitioner", "id": "pr", "contained": [{"resourceType": "Observation", "id": "o", "status": "final"}]}),
+                Foreign,
+            ),
+            // Group, Person and RelatedPerson are in the compartment.
+            (
+                json!({"resourceType": "Group", "id": "g", "member": [{"entity": {"reference": "Patient/A"}}, {"entity": {"reference": "Patient/B"}}]}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "Person", "id": "p", "link": [{"target": {"reference": "Patient/B"}}]}),
+                Foreign,
+            ),
+            (
+                json!({"resourceType": "RelatedPerson", "id": "rp", "patient": {"reference": "Patient/A"}}),
+                Own,
+            ),
+            (
+                json!({"resourceType": "RelatedPerson", "id": "rp", "patient": {"reference": "Patient/B"}}),
+                Foreign,
+            ),
+            // Contained resources of the caller's own resource share its patient (a Synthea
+            // ExplanationOfBenefit contains a Coverage that references no patient).
+            (
+                json!({"resourceType": "ExplanationOfBenefit", "id": "eob", "patient": {"reference": "Patient/A"},
+                "contained": [{"resourceType": "Coverage", "id": "coverage", "status": "active"}],
+                "insurance": [{"coverage": {"reference": "#coverage"}}]}),
+                Own,
+            ),
+            (json!({"id": "x"}), Foreign),
+        ];
+        for (r, want) in cases {
+            assert_eq!(standing(&r, "A"), want, "{r}");
+        }
+    }
+
+    #[test]
+    fn outside_types_come_with_the_callers_own_data() {
+        let ok = |body: &[u8], everything: bool| check_body(body, "A", everything);
+        // `Encounter?patient=A&_include=Encounter:participant`: included Practitioner.
+        let incl = searchset(vec![
+            entry(encounter("e1", "A"), "match"),
+            entry(practitioner("pr1"), "include"),
+        ]);
+        assert_eq!(ok(&incl, false), Ok(()));
+        // `$everything`: the Organization and Practitioner the caller's resources reference.
+        let everything = searchset(vec![
+            entry(json!({"resourceType": "Patient", "id": "A"}), "match"),
+            entry(encounter("e1", "A"), "match"),
+            entry(practitioner("pr1"), "include"),
+            entry(organization("org1"), "include"),
+        ]);
+        assert_eq!(ok(&everything, true), Ok(()));
+        assert!(body_in_compartment(&everything, "A"));
+        // An outside-type entry in `match` mode is released only when the caller's entries
+        // reference it (by `Type/id` under any base, versioned or not), directly or through
+        // another released entry; in `$everything` always.
+        let referenced = searchset(vec![
+            entry(
+                json!({"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/A"},
+                "participant": [{"individual": {"reference": "http://other.test/fhir/PractitionerRole/r1/_history/3"}}]}),
+                "match",
+            ),
+            entry(
+                json!({"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "Practitioner/pr1"}}),
+                "match",
+            ),
+            entry(practitioner("pr1"), "match"),
+        ]);
+        assert_eq!(ok(&referenced, false), Ok(()));
+        let by_full_url = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Observation", "subject": {"reference": "Patient/A"}, "performer": [{"reference": "urn:uuid:2"}]}},
+            {"fullUrl": "urn:uuid:2", "resource": {"resourceType": "Practitioner"}}]});
+        assert_eq!(ok(by_full_url.to_string().as_bytes(), false), Ok(()));
+        let unreferenced = searchset(vec![
+            entry(encounter("e1", "A"), "match"),
+            entry(practitioner("pr9"), "match"),
+        ]);
+        assert!(ok(&unreferenced, false).is_err());
+        assert_eq!(ok(&unreferenced, true), Ok(()));
+        // Nothing but outside types: no own entry references them.
+        let strays = searchset(vec![
+            entry(practitioner("pr1"), "match"),
+            entry(organization("org1"), "match"),
+        ]);
+        assert!(ok(&strays, false).is_err());
+        // A single resource of an outside type is never released.
+        assert!(ok(practitioner("pr1").to_string().as_bytes(), false).is_err());
+        assert!(ok(practitioner("pr1").to_string().as_bytes(), true).is_err());
+    }
+
+    #[test]
+    fn another_patients_data_is_refused_wherever_it_is() {
+        let base = || {
+            vec![
+                entry(json!({"resourceType": "Patient", "id": "A"}), "match"),
+                entry(encounter("e1", "A"), "match"),
+                entry(practitioner("pr1"), "include"),
+                entry(organization("org1"), "include"),
+            ]
+        };
+        let spliced = [
+            // (a) another Patient
+            entry(json!({"resourceType": "Patient", "id": "B"}), "match"),
+            entry(json!({"resourceType": "Patient", "id": "B"}), "include"),
+            // (b) another patient's resource as an include
+            entry(
+                json!({"resourceType": "Observation", "id": "ob", "status": "final", "subject": {"reference": "Patient/B"}}),
+                "include",
+            ),
+            entry(encounter("eb", "B"), "include"),
+            // (c) an outside type that contains a Patient, or another patient's resource
+            entry(
+                json!({"resourceType": "Organization", "id": "org1", "contained": [{"resourceType": "Patient", "id": "p", "name": [{"family": "B"}]}]}),
+                "include",
+            ),
+            entry(
+                json!({"resourceType": "Practitioner", "id": "pr2", "contained": [{"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/B"}}]}),
+                "include",
+            ),
+            // (d) a compartment-type resource of no patient
+            entry(
+                json!({"resourceType": "Observation", "id": "o2", "status": "final"}),
+                "match",
+            ),
+            entry(
+                json!({"resourceType": "Encounter", "id": "e2", "status": "finished"}),
+                "include",
+            ),
+            // a Group or Person linking another patient; a RelatedPerson of another patient
+            entry(
+                json!({"resourceType": "Group", "id": "g", "member": [{"entity": {"reference": "Patient/A"}}, {"entity": {"reference": "Patient/B"}}]}),
+                "include",
+            ),
+            entry(
+                json!({"resourceType": "Person", "id": "p", "link": [{"target": {"reference": "Patient/B"}}]}),
+                "include",
+            ),
+            entry(
+                json!({"resourceType": "RelatedPerson", "id": "rp", "patient": {"reference": "Patient/B"}}),
+                "include",
+            ),
+            // an outside type that references another patient
+            entry(
+                json!({"resourceType": "Device", "id": "d", "patient": {"reference": "Patient/B"}}),
+                "include",
+            ),
+            // a nested Bundle carrying a Patient
+            entry(
+                json!({"resourceType": "Bundle", "id": "nb", "type": "collection", "entry": [{"resource": {"resourceType": "Patient", "id": "B"}}]}),
+                "include",
+            ),
+        ];
+        assert_eq!(check_body(&searchset(base()), "A", true), Ok(()));
+        for extra in spliced {
+            let mut es = base();
+            es.push(extra.clone());
+            let body = searchset(es);
+            assert!(check_body(&body, "A", true).is_err(), "{extra}");
+            assert!(check_body(&body, "A", false).is_err(), "{extra}");
+        }
+        // A resource outside the entries' `resource` (a Patient as an entry's outcome).
+        let stray = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"resource": encounter("e1", "A"), "response": {"status": "200", "outcome": {"resourceType": "Patient", "id": "B"}}}]});
+        assert!(check_body(stray.to_string().as_bytes(), "A", true).is_err());
+        let outcome = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"response": {"status": "404", "outcome": {"resourceType": "OperationOutcome", "issue": []}}}]});
+        assert_eq!(
+            check_body(outcome.to_string().as_bytes(), "A", false),
+            Ok(())
+        );
+    }
+
+    fn patient_principal(patient: &str) -> Principal {
+        Principal {
+            subject: format!("user-{patient}"),
+            issuer: Some("https://patients.test".into()),
+            client_id: None,
+            roles: vec![],
+            scopes: vec![],
+            tenant: None,
+            patient: Some(patient.into()),
+            fhir_user: None,
+            method: crate::identity::AuthMethod::Token,
+            system: None,
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn everything_releases_what_it_returns() {
+        let filter = build(
+            serde_yaml::from_str("{}").unwrap(),
+            &BuildContext::default(),
+        )
+        .unwrap();
+        for (path, query, everything) in [
+            ("/Patient/A/$everything", "_count=20", true),
+            ("/Patient/A/$everything", "_count=20&_cursor=abc", true),
+            (
+                "/Encounter",
+                "patient=A&_include=Encounter:participant",
+                false,
+            ),
+            ("/Patient/A/Encounter", "", false),
+        ] {
+            let mut ctx = RequestCtx::for_test("GET", path);
+            ctx.facts
+                .insert(writers::JwtAuth, patient_principal("A"))
+                .unwrap();
+            ctx.facts
+                .insert(writers::Gateway, class("GET", path, query))
+                .unwrap();
+            let target = format!("{path}?{query}");
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+            let d = filter.request_filter(&mut req, &mut ctx).await.unwrap();
+            assert!(matches!(d, Decision::Continue), "{target}");
+            let st = ctx.facts.get::<CompartmentState>().unwrap();
+            assert!(st.check_response, "{target}");
+            assert_eq!(st.everything, everything, "{target}");
+        }
     }
 
     fn write(

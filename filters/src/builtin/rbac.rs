@@ -321,6 +321,12 @@ impl Filter for RbacFilter {
         self.mode
     }
 
+    /// Reads the verified caller: a rule without caller conditions works without one, but a
+    /// `jwt_auth` in the chain must come first.
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::new().reads(&[crate::Capability::Principal])
+    }
+
     async fn request_filter(
         &self,
         _req: &mut RequestHeader,
@@ -398,9 +404,9 @@ mod tests {
         method: &str,
     ) -> Option<&'static str> {
         let mut ctx = RequestCtx::for_test(method, "/fhir/Observation");
-        ctx.channel = channel;
+        ctx.host().channel = channel;
         if let Some(p) = p {
-            ctx.facts.insert("jwt_auth", p).unwrap();
+            ctx.facts.insert(crate::ctx::writers::JwtAuth, p).unwrap();
         }
         let mut req = RequestHeader::build(method, b"/fhir/Observation", None).unwrap();
         match f.request_filter(&mut req, &mut ctx).await.unwrap() {

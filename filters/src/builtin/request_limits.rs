@@ -9,6 +9,7 @@
 //! passes the limit. A URI over the limit gets 414 `uri_too_long`; a method not listed gets 405
 //! `method_not_allowed` with an `Allow` header.
 
+use crate::ctx::writers;
 use crate::registry::{parse_config, BuildError};
 use crate::{Decision, Filter, LocalReply, Mode, RequestCtx, RequestHeader, Result};
 use async_trait::async_trait;
@@ -118,6 +119,11 @@ impl Filter for RequestLimitsFilter {
         self.mode
     }
 
+    /// Declares nothing. Reads no fact (only the request itself).
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn request_filter(
         &self,
         req: &mut RequestHeader,
@@ -177,10 +183,12 @@ impl Filter for RequestLimitsFilter {
         let n = chunk.as_ref().map(|b| b.len() as u64).unwrap_or(0);
         if ctx.facts.get::<BodyBytesSeen>().is_none() {
             // Cannot fail: checked just above, and only this filter writes the fact.
-            let _ = ctx.facts.insert("request_limits", BodyBytesSeen::default());
+            let _ = ctx
+                .facts
+                .insert(writers::RequestLimits, BodyBytesSeen::default());
         }
         let attempt = ctx.attempt;
-        let seen = match ctx.facts.get_mut::<BodyBytesSeen>("request_limits") {
+        let seen = match ctx.facts.get_mut::<BodyBytesSeen>(writers::RequestLimits) {
             Some(s) => {
                 if s.attempt != attempt {
                     *s = BodyBytesSeen { attempt, bytes: 0 };
@@ -251,7 +259,7 @@ mod tests {
         let r = reply(f.request_body_filter(&mut c, true, &mut ctx).unwrap()).unwrap();
         assert_eq!(r.reason, "payload_too_large");
         // A retry replays the body: the count starts again.
-        ctx.attempt = 2;
+        ctx.host().attempt = 2;
         let mut c = Some(Bytes::from_static(b"1234567890"));
         assert!(reply(f.request_body_filter(&mut c, true, &mut ctx).unwrap()).is_none());
     }

@@ -63,6 +63,11 @@ impl Filter for SmartConfigurationFilter {
         "smart_configuration"
     }
 
+    /// Declares nothing. Reads no fact: discovery is public.
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::NONE
+    }
+
     async fn request_filter(
         &self,
         _req: &mut RequestHeader,

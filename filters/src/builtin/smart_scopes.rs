@@ -16,6 +16,7 @@
 //! form-encoded `_search` bodies are refused. Batch and transaction Bundles are judged entry by
 //! entry once their body is here; one refused entry refuses the Bundle, named by its index.
 
+use crate::ctx::writers;
 use crate::identity::Principal;
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{Decision, Filter, LocalReply, Mode, RequestCtx, RequestHeader, Result};
@@ -228,6 +229,16 @@ impl Filter for SmartScopesFilter {
         self.mode
     }
 
+    /// Needs the verified caller (its scopes) and the gateway's FHIR classification; provides
+    /// scope enforcement; confines access.
+    fn declaration(&self) -> crate::Declaration {
+        use crate::Capability::{Classification, Principal, ScopeEnforcement};
+        crate::Declaration::new()
+            .needs(&[Principal, Classification])
+            .provides(&[ScopeEnforcement])
+            .confining()
+    }
+
     async fn request_filter(
         &self,
         req: &mut RequestHeader,
@@ -244,7 +255,7 @@ impl Filter for SmartScopesFilter {
             // Judged entry by entry once the whole Bundle is here (body phase).
             let _ = ctx
                 .facts
-                .insert("smart_scopes", ScopeBundleBuffer::default());
+                .insert(writers::SmartScopes, ScopeBundleBuffer::default());
             // Nothing is forwarded before every entry is judged.
             ctx.require_whole_exchange();
             return Ok(Decision::Continue);
@@ -252,7 +263,7 @@ impl Filter for SmartScopesFilter {
         if form {
             // The search's parameters are in the body: judged once it is here.
             let _ = ctx.facts.insert(
-                "smart_scopes",
+                writers::SmartScopes,
                 ScopeBundleBuffer {
                     body: Vec::new(),
                     form: true,
@@ -267,7 +278,7 @@ impl Filter for SmartScopesFilter {
                     // The response is judged whole, before anything of it is released.
                     ctx.require_whole_exchange();
                 }
-                let _ = ctx.facts.insert("smart_scopes", grant);
+                let _ = ctx.facts.insert(writers::SmartScopes, grant);
                 Ok(Decision::Continue)
             }
             Err(detail) => Ok(denied(detail)),
@@ -302,14 +313,17 @@ impl Filter for SmartScopesFilter {
             });
         }
         crate::builtin::body::will_rewrite(resp);
-        match ctx.facts.get_mut::<ScopeResponseBuffer>("smart_scopes") {
+        match ctx
+            .facts
+            .get_mut::<ScopeResponseBuffer>(writers::SmartScopes)
+        {
             Some(b) => {
                 b.active = true;
                 b.body.clear();
             }
             None => {
                 let _ = ctx.facts.insert(
-                    "smart_scopes",
+                    writers::SmartScopes,
                     ScopeResponseBuffer {
                         active: true,
                         body: Vec::new(),
@@ -330,7 +344,10 @@ impl Filter for SmartScopesFilter {
             Some(g) if !g.response_checks.is_empty() => g.response_checks.clone(),
             _ => return Ok(()),
         };
-        let Some(buf) = ctx.facts.get_mut::<ScopeResponseBuffer>("smart_scopes") else {
+        let Some(buf) = ctx
+            .facts
+            .get_mut::<ScopeResponseBuffer>(writers::SmartScopes)
+        else {
             return Ok(());
         };
         if !buf.active {
@@ -371,6 +388,9 @@ impl Filter for SmartScopesFilter {
                 }
             })
             .unwrap_or(false);
+        // The held body goes back whatever the verdict: a refusal in shadow mode releases it
+        // whole (in enforce the gateway discards it and answers the refusal).
+        *chunk = Some(bytes::Bytes::from(body));
         if !ok {
             if let Decision::Respond(reply) =
                 denied("the resource falls outside the granted (restricted) scope")
@@ -382,7 +402,6 @@ impl Filter for SmartScopesFilter {
                 message: "the response falls outside the restricted scope; refused".into(),
             });
         }
-        *chunk = Some(bytes::Bytes::from(body));
         Ok(())
     }
 
@@ -408,7 +427,7 @@ impl Filter for SmartScopesFilter {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Decision> {
-        let Some(buf) = ctx.facts.get_mut::<ScopeBundleBuffer>("smart_scopes") else {
+        let Some(buf) = ctx.facts.get_mut::<ScopeBundleBuffer>(writers::SmartScopes) else {
             return Ok(Decision::Continue);
         };
         if !crate::builtin::body::hold(&mut buf.body, chunk, MAX_BUNDLE_BYTES) {
@@ -444,7 +463,7 @@ impl Filter for SmartScopesFilter {
             *chunk = Some(bytes::Bytes::from(body));
             return match verdict {
                 Ok(grant) => {
-                    let _ = ctx.facts.insert("smart_scopes", grant);
+                    let _ = ctx.facts.insert(writers::SmartScopes, grant);
                     Ok(Decision::Continue)
                 }
                 Err(why) => Ok(denied(why)),

@@ -42,6 +42,7 @@
 //! sharing an id, host or path prefix, a bad path prefix, an empty or repeated `resolve` entry,
 //! or a bad header name.
 
+use crate::ctx::writers;
 use crate::identity::{Principal, Tenant, TenantConfig};
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{Decision, Filter, FilterError, LocalReply, Mode, RequestCtx, RequestHeader, Result};
@@ -356,6 +357,17 @@ impl Filter for TenantFilter {
         self.mode
     }
 
+    /// Needs the verified caller; provides the verified tenant (it writes `Tenant`, once per
+    /// chain); confines access.
+    fn declaration(&self) -> crate::Declaration {
+        use crate::Capability::{Principal, Tenant};
+        crate::Declaration::new()
+            .needs(&[Principal])
+            .provides(&[Tenant])
+            .once()
+            .confining()
+    }
+
     async fn request_filter(
         &self,
         req: &mut RequestHeader,
@@ -370,7 +382,7 @@ impl Filter for TenantFilter {
         }
         ctx.facts
             .insert(
-                "tenant",
+                writers::Tenant,
                 Tenant {
                     id: tenant.id.clone(),
                     pool: tenant.pool.clone(),
@@ -498,7 +510,7 @@ mod tests {
         };
         let mut ctx = RequestCtx::for_test("GET", path);
         if let Some(p) = r.principal {
-            ctx.facts.insert("jwt_auth", p).unwrap();
+            ctx.facts.insert(writers::JwtAuth, p).unwrap();
         }
         let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
         if let Some(h) = r.host {
@@ -773,7 +785,7 @@ mod tests {
         // header first: the header decides even on another tenant's host
         let f = filter("{resolve: [header, host], header: X-Hospital}");
         let mut ctx = RequestCtx::for_test("GET", "/hospital-a/x");
-        ctx.facts.insert("jwt_auth", token_b()).unwrap();
+        ctx.facts.insert(writers::JwtAuth, token_b()).unwrap();
         let mut req = RequestHeader::build("GET", b"/hospital-a/x", None).unwrap();
         req.insert_header("host", "a.example.org").unwrap();
         req.insert_header("x-hospital", "hospital-b").unwrap();
@@ -814,7 +826,7 @@ mod tests {
     async fn repeated_tenant_header_is_refused() {
         let f = filter("{resolve: [header]}");
         let mut ctx = RequestCtx::for_test("GET", "/");
-        ctx.facts.insert("jwt_auth", token_a()).unwrap();
+        ctx.facts.insert(writers::JwtAuth, token_a()).unwrap();
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("x-tenant-id", "hospital-a").unwrap();
         req.append_header("x-tenant-id", "hospital-b").unwrap();
@@ -872,10 +884,14 @@ mod tests {
     async fn a_second_tenant_fact_is_an_internal_error() {
         let f = filter("{}");
         let mut ctx = RequestCtx::for_test("GET", "/");
-        ctx.facts.insert("jwt_auth", token_a()).unwrap();
+        ctx.facts.insert(writers::JwtAuth, token_a()).unwrap();
+        struct Other;
+        impl crate::ctx::Writer for Other {
+            const NAME: &'static str = "other";
+        }
         ctx.facts
             .insert(
-                "other",
+                Other,
                 Tenant {
                     id: "hospital-a".into(),
                     pool: None,

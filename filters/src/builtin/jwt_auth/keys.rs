@@ -5,11 +5,13 @@ use super::cache::TokenCache;
 use super::token::{self, Parts, Rejection};
 use crate::identity::{AuthMethod, Principal};
 use crate::registry::BuildError;
+pub use caregate_filter_api::auth::{
+    AuthConfig, ClaimMapping, ClientCertificateMapping, IssuerConfig, TokenCacheConfig,
+};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use once_cell::sync::Lazy;
 use prometheus::{register_int_counter_vec, IntCounterVec};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -69,129 +71,6 @@ impl Clock for ManualClock {
     }
 }
 
-/// Which claims hold what.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClaimMapping {
-    #[serde(default = "d_sub")]
-    pub subject: String,
-    /// Client id claim; `azp` is tried when it is absent.
-    #[serde(default = "d_client_id")]
-    pub client_id: String,
-    /// Roles: a claim path (`realm_access.roles`) holding an array or a space-separated string.
-    #[serde(default = "d_roles")]
-    pub roles: String,
-    /// Scopes: `scope` (space-separated) or `scp` (array) by default.
-    #[serde(default)]
-    pub scopes: Option<String>,
-    #[serde(default = "d_tenant")]
-    pub tenant: String,
-    /// The claim carrying the patient context (e.g. SMART's `patient`). Without it, this issuer's
-    /// tokens never carry a patient context.
-    #[serde(default)]
-    pub patient: Option<String>,
-    #[serde(default = "d_fhir_user")]
-    pub fhir_user: String,
-}
-
-impl Default for ClaimMapping {
-    fn default() -> Self {
-        ClaimMapping {
-            subject: d_sub(),
-            client_id: d_client_id(),
-            roles: d_roles(),
-            scopes: None,
-            tenant: d_tenant(),
-            patient: None,
-            fhir_user: d_fhir_user(),
-        }
-    }
-}
-
-fn d_sub() -> String {
-    "sub".into()
-}
-fn d_client_id() -> String {
-    "client_id".into()
-}
-fn d_roles() -> String {
-    "roles".into()
-}
-fn d_tenant() -> String {
-    "tenant".into()
-}
-fn d_fhir_user() -> String {
-    "fhirUser".into()
-}
-
-/// One trusted token issuer (the `auth.issuers` section of the gateway config).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// A short name: the `issuer` label of metrics and what routes' `issuers` lists refer to
-    /// (tenants list `issuer` values).
-    pub name: String,
-    /// The exact `iss` value.
-    pub issuer: String,
-    /// Find the JWKS through `{issuer}/.well-known/openid-configuration`.
-    #[serde(default)]
-    pub discovery: bool,
-    #[serde(default)]
-    pub jwks_url: Option<String>,
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// Accepted algorithms; never taken from the token.
-    pub algorithms: Vec<String>,
-    pub audiences: Vec<String>,
-    /// Claims that must be present besides `exp` (e.g. `sub`, `iat`).
-    #[serde(default)]
-    pub required_claims: Vec<String>,
-    #[serde(default = "d_leeway")]
-    pub leeway_seconds: u64,
-    /// Accepted `typ` header values (`application/` prefix optional); a token without `typ` is
-    /// accepted.
-    #[serde(default = "d_typ")]
-    pub typ: Vec<String>,
-    /// Shared secret for HS256/384/512 (only then may HS algorithms be listed).
-    #[serde(default)]
-    pub hs_secret: Option<String>,
-    #[serde(default = "d_refresh")]
-    pub refresh_seconds: u64,
-    /// At most one refresh for unknown `kid`s per this many seconds, so random kids cannot make
-    /// the gateway hammer the identity provider.
-    #[serde(default = "d_kid_refresh")]
-    pub unknown_kid_refresh_seconds: u64,
-    /// How long the last good key set is trusted while the provider cannot be reached.
-    #[serde(default = "d_stale")]
-    pub max_stale_seconds: u64,
-    /// CA bundle for an identity provider with a private CA.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default = "d_fetch_timeout")]
-    pub fetch_timeout_ms: u64,
-    #[serde(default)]
-    pub claims: ClaimMapping,
-}
-
-fn d_leeway() -> u64 {
-    30
-}
-fn d_typ() -> Vec<String> {
-    vec!["JWT".into(), "at+jwt".into()]
-}
-fn d_refresh() -> u64 {
-    300
-}
-fn d_kid_refresh() -> u64 {
-    10
-}
-fn d_stale() -> u64 {
-    86_400
-}
-fn d_fetch_timeout() -> u64 {
-    5_000
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     Rsa,
@@ -248,62 +127,6 @@ struct Issuer {
     state: RwLock<KeyState>,
     last_attempt: Mutex<Option<u64>>,
     fetch_lock: tokio::sync::Mutex<()>,
-}
-
-/// A mapping from a verified client certificate to a system identity.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientCertificateMapping {
-    /// Match the certificate's subject common name...
-    #[serde(default)]
-    pub common_name: Option<String>,
-    /// ...or its whole subject (`CN=...,O=...`).
-    #[serde(default)]
-    pub subject: Option<String>,
-    /// The system's name: the principal's subject for certificate-only callers.
-    pub system: String,
-    #[serde(default)]
-    pub tenant: Option<String>,
-    #[serde(default)]
-    pub roles: Vec<String>,
-}
-
-/// Sizes of the verified-token cache.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenCacheConfig {
-    #[serde(default = "d_cache_entries")]
-    pub max_entries: usize,
-    #[serde(default = "d_cache_bytes")]
-    pub max_bytes: usize,
-}
-
-impl Default for TokenCacheConfig {
-    fn default() -> Self {
-        TokenCacheConfig {
-            max_entries: d_cache_entries(),
-            max_bytes: d_cache_bytes(),
-        }
-    }
-}
-
-fn d_cache_entries() -> usize {
-    100_000
-}
-fn d_cache_bytes() -> usize {
-    64 * 1024 * 1024
-}
-
-/// The organisation-wide `auth:` section of the gateway config.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    #[serde(default)]
-    pub issuers: Vec<IssuerConfig>,
-    #[serde(default)]
-    pub token_cache: TokenCacheConfig,
-    #[serde(default)]
-    pub client_certificates: Vec<ClientCertificateMapping>,
 }
 
 /// All trusted issuers with their key sets and the shared verified-token cache. Built once per
@@ -570,6 +393,53 @@ impl IssuerSet {
                 self.get_json(issuer, &jwks_uri).await?
             }
         };
+        parse_key_set(&doc)
+    }
+
+    /// Read and check every key set given as a file, as the gateway will at start: a missing,
+    /// unreadable or malformed file, or one without a usable signing key, is an error naming
+    /// the issuer's `jwks_file`. `caregate check` runs this.
+    pub fn check_key_files(&self) -> Result<(), BuildError> {
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            let Source::File(p) = &issuer.source else {
+                continue;
+            };
+            let at = format!("auth.issuers[{i}].jwks_file");
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| err(at.clone(), format!("cannot read {}: {e}", p.display())))?;
+            let doc = serde_json::from_str::<Value>(&text)
+                .map_err(|_| err(at.clone(), format!("{}: not JSON", p.display())))?;
+            parse_key_set(&doc).map_err(|e| err(at.clone(), format!("{}: {e}", p.display())))?;
+        }
+        Ok(())
+    }
+
+    /// The issuers that cannot verify a token now: those with a key source whose key set has
+    /// not been loaded yet (or was lost), or whose last good set is older than
+    /// `max_stale_seconds`. The gateway is not ready while any is listed.
+    pub fn issuers_without_keys(&self) -> Vec<String> {
+        let now = self.clock.now();
+        self.issuers
+            .iter()
+            .filter(|issuer| !matches!(issuer.source, Source::None))
+            .filter(|issuer| match issuer.state.read() {
+                Ok(st) => {
+                    st.keys.is_empty()
+                        || st
+                            .last_success
+                            .map(|t| now.saturating_sub(t) > issuer.cfg.max_stale_seconds)
+                            .unwrap_or(true)
+                }
+                Err(_) => true,
+            })
+            .map(|issuer| issuer.cfg.name.clone())
+            .collect()
+    }
+}
+
+/// The usable signing keys of a JWK Set document.
+fn parse_key_set(doc: &Value) -> Result<Vec<KeyEntry>, String> {
+    {
         let list = doc
             .get("keys")
             .and_then(Value::as_array)
@@ -604,7 +474,9 @@ impl IssuerSet {
         }
         Ok(keys)
     }
+}
 
+impl IssuerSet {
     /// Whether an unknown-kid refresh may run now (rate limit).
     fn may_refresh(&self, issuer: &Issuer) -> bool {
         let now = self.clock.now();

@@ -30,6 +30,7 @@ pub mod cache;
 pub mod keys;
 pub mod token;
 
+use crate::ctx::writers;
 use crate::identity::{AuthMethod, PeerCertificate, Principal, SystemIdentity};
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{
@@ -99,6 +100,16 @@ impl BackgroundTask for IssuerSet {
     async fn run(&self, shutdown: tokio::sync::watch::Receiver<bool>) {
         self.run_refresh(shutdown).await;
     }
+
+    fn not_ready(&self) -> Option<String> {
+        let missing = self.issuers_without_keys();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "no usable key set for issuer(s) {} (tokens from them cannot be verified)",
+                missing.join(", ")
+            )
+        })
+    }
 }
 
 pub fn build(
@@ -108,13 +119,26 @@ pub fn build(
     let c: JwtAuthConfig = parse_config(config)?;
     let set = cx
         .shared
-        .issuer_set
         .get_or_init(|| {
-            IssuerSet::build(&cx.auth, &|p| cx.resolve(p), Arc::new(keys::SystemClock))
-                .map(Arc::new)
+            SharedIssuerSet(
+                IssuerSet::build(&cx.auth, &|p| cx.resolve(p), Arc::new(keys::SystemClock))
+                    .map(Arc::new),
+            )
         })
+        .0
         .clone()?;
     JwtAuthFilter::new(set, c).map(|f| Arc::new(f) as Arc<dyn Filter>)
+}
+
+/// The issuer set built once per config (by the first `jwt_auth`) and shared by every
+/// `jwt_auth` route, or the error building it gave.
+pub struct SharedIssuerSet(pub std::result::Result<Arc<IssuerSet>, BuildError>);
+
+/// The issuer set the `jwt_auth` filters of this build context share, if one was built.
+pub fn shared_issuer_set(
+    cx: &BuildContext,
+) -> Option<std::result::Result<Arc<IssuerSet>, BuildError>> {
+    cx.shared.get::<SharedIssuerSet>().map(|s| s.0.clone())
 }
 
 impl JwtAuthFilter {
@@ -277,6 +301,15 @@ impl Filter for JwtAuthFilter {
         self.mode
     }
 
+    /// Provides the verified caller (it writes `Principal`, once per chain) and confines access
+    /// to verified callers.
+    fn declaration(&self) -> crate::Declaration {
+        crate::Declaration::new()
+            .provides(&[crate::Capability::Principal])
+            .once()
+            .confining()
+    }
+
     fn background(&self) -> Option<Arc<dyn BackgroundTask>> {
         Some(self.set.clone())
     }
@@ -389,7 +422,7 @@ impl Filter for JwtAuthFilter {
             (None, None) => return Ok(self.missing()),
         };
         ctx.facts
-            .insert("jwt_auth", principal)
+            .insert(writers::JwtAuth, principal)
             .map_err(|e| FilterError {
                 filter: "jwt_auth",
                 message: e.to_string(),

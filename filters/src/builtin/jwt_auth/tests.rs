@@ -4,6 +4,7 @@
 
 use super::keys::{Clock, ManualClock, SystemClock};
 use super::*;
+use crate::ctx::writers;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -492,7 +493,7 @@ async fn certificates_identify_systems() {
     ) -> (Option<LocalReply>, RequestCtx) {
         let mut ctx = RequestCtx::for_test("GET", "/lab");
         if let Some(c) = cert {
-            ctx.facts.insert("gateway", c.clone()).unwrap();
+            ctx.facts.insert(writers::Gateway, c.clone()).unwrap();
         }
         let mut r = req(auth);
         match f.request_filter(&mut r, &mut ctx).await.unwrap() {

@@ -19,6 +19,7 @@ pub enum ReplyBody {
 /// A reply the gateway writes on a filter's behalf.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
+    /// The HTTP status of the reply.
     pub status: StatusCode,
     /// Stable snake_case reason code (`route_not_found`, `payload_too_large`, ...): what clients,
     /// metrics and the audit trail key on.
@@ -26,12 +27,16 @@ pub struct LocalReply {
     /// A short human explanation. It goes into the error body, so it must never carry PHI,
     /// token contents or upstream error text.
     pub detail: Cow<'static, str>,
+    /// Response headers the reply carries besides those the gateway sets itself (e.g.
+    /// `WWW-Authenticate`, `Retry-After`, CORS headers), in order.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// What the body is.
     pub body: ReplyBody,
 }
 
 impl LocalReply {
-    /// An error reply with the error contract's body.
+    /// An error reply with the error contract's body ([`ReplyBody::Error`]) and no extra
+    /// headers.
     pub fn error(
         status: StatusCode,
         reason: &'static str,
@@ -46,7 +51,8 @@ impl LocalReply {
         }
     }
 
-    /// A reply without a body.
+    /// A reply without a body ([`ReplyBody::Empty`]), with an empty detail and no extra
+    /// headers.
     pub fn empty(status: StatusCode, reason: &'static str) -> Self {
         LocalReply {
             status,
@@ -66,5 +72,12 @@ impl LocalReply {
     /// Whether this reply refuses the request (any 4xx/5xx).
     pub fn is_denial(&self) -> bool {
         self.status.is_client_error() || self.status.is_server_error()
+    }
+
+    /// A refusal the request itself earned (4xx), as opposed to a failure (5xx): only these are
+    /// softened by `mode: shadow` on the response side, where a failure means the response
+    /// could not be judged or processed and is never released.
+    pub fn is_client_denial(&self) -> bool {
+        self.status.is_client_error()
     }
 }

@@ -1,0 +1,650 @@
+//! caregate's command line, as a library: build your own `caregate` binary with filter kinds of
+//! your own.
+//!
+//! Pingora is a library you build your proxy binary with; caregate is too. The stock `caregate`
+//! binary is [`App::builder`] with nothing added. A program with kinds of its own registers them
+//! on the builder and gets the same command line — `run`, `check`, `demo`, `audit verify`,
+//! `sandbox` — with its kinds accepted, built and validated (`check`) exactly like the built-in
+//! ones:
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//!
+//! // Keep the allocator caregate is measured with (see [`crate::Allocator`]).
+//! #[global_allocator]
+//! static GLOBAL: caregate::Allocator = caregate::Allocator;
+//!
+//! # mod consent_filter {
+//! #     pub fn build(
+//! #         _: serde_yaml::Value,
+//! #         _: &caregate_filters::BuildContext,
+//! #     ) -> Result<std::sync::Arc<dyn caregate_filters::Filter>, caregate_filters::BuildError> {
+//! #         Err(caregate_filters::BuildError::new("config", "not in this example"))
+//! #     }
+//! # }
+//! fn main() -> ExitCode {
+//!     caregate::App::builder()
+//!         .name("consent-gateway")
+//!         .filter_kind("consent", consent_filter::build)
+//!         .main()
+//! }
+//! ```
+//!
+//! The builder starts from [`FilterRegistry::builtin`] and registers your kinds through the same
+//! public [`FilterRegistry::register`]. A kind registered twice, or one that shadows a built-in
+//! kind, is refused when the program starts ([`AppBuilder::main`] prints why and exits with
+//! status 2), before any config is read. See `docs/writing-a-filter.md` for the whole path from
+//! an empty crate to a tested filter in a custom binary.
+#![warn(missing_docs)]
+
+use crate::config;
+use crate::sandbox_server::SandboxServer;
+use crate::server::build_server;
+use caregate_filters::{BuildContext, BuildError, Filter, FilterRegistry};
+use caregate_sandbox::Sandbox;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use pingora::prelude::Opt;
+use pingora::server::RunArgs;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// The signature of a filter kind's builder: its `config:` block (an empty mapping when the
+/// config file gives none) and the [`BuildContext`] in, an immutable filter out — or a
+/// [`BuildError`] whose path (`config.field`) the gateway prefixes with the filter's place in
+/// the file (`routes[2].filters[1] (consent): config.opt_outs: ...`). It is called once per
+/// configured filter, by `check` and at start.
+pub type FilterBuilder =
+    fn(serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Filter>, BuildError>;
+
+/// Why a filter kind could not be registered on an [`AppBuilder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistrationError {
+    /// The kind is one of caregate's built-in kinds: a program cannot replace one (config files
+    /// would then mean different things on different binaries). Choose another name.
+    ShadowsBuiltin {
+        /// The kind as given.
+        kind: &'static str,
+    },
+    /// The kind was registered on this builder before.
+    Duplicate {
+        /// The kind as given.
+        kind: &'static str,
+    },
+    /// The kind is not a snake_case name (`[a-z][a-z0-9_]*`): kinds are written in config files
+    /// and are the `filter` label of `caregate_filter_decisions_total`.
+    InvalidName {
+        /// The kind as given.
+        kind: &'static str,
+    },
+}
+
+impl std::fmt::Display for RegistrationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistrationError::ShadowsBuiltin { kind } => write!(
+                f,
+                "filter kind `{kind}` is a built-in kind of caregate; a program cannot \
+                 register it again or replace it: give your kind another name"
+            ),
+            RegistrationError::Duplicate { kind } => write!(
+                f,
+                "filter kind `{kind}` is registered twice; register each kind once"
+            ),
+            RegistrationError::InvalidName { kind } => write!(
+                f,
+                "filter kind `{kind}` is not a snake_case name (a lower-case letter, then \
+                 lower-case letters, digits and `_`)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RegistrationError {}
+
+/// Collects the filter kinds and the name of a caregate program; made by [`App::builder`].
+///
+/// Registration errors are kept and reported by [`AppBuilder::build`] (or, through it, by
+/// [`AppBuilder::main`]), so registrations chain without a `?` at each step.
+#[must_use = "a builder does nothing until `.main()` or `.build()`"]
+pub struct AppBuilder {
+    registry: FilterRegistry,
+    builtin: Vec<&'static str>,
+    name: &'static str,
+    errors: Vec<RegistrationError>,
+}
+
+impl AppBuilder {
+    /// The program's name, as `--help`, `--version` and its error messages print it
+    /// (`consent-gateway: invalid config: ...`). The default is `caregate`.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// Register filter kind `kind`, built by `build`, through the same public path as the
+    /// built-in kinds ([`FilterRegistry::register`]). Once registered, `kind: <kind>` is
+    /// accepted in listener and route `filters:`, `check` builds and validates its config and
+    /// holds its chains to its [`Filter::declaration`], and the kind appears in the list an
+    /// unknown kind's error prints.
+    ///
+    /// A kind that is built in, registered twice, or not snake_case is refused: the error is
+    /// reported by [`AppBuilder::build`] and [`AppBuilder::main`].
+    pub fn filter_kind(mut self, kind: &'static str, build: FilterBuilder) -> Self {
+        let snake = kind
+            .bytes()
+            .next()
+            .map(|b| b.is_ascii_lowercase())
+            .unwrap_or(false)
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !snake {
+            self.errors.push(RegistrationError::InvalidName { kind });
+        } else if !self.registry.register(kind, build) {
+            self.errors.push(if self.builtin.contains(&kind) {
+                RegistrationError::ShadowsBuiltin { kind }
+            } else {
+                RegistrationError::Duplicate { kind }
+            });
+        }
+        self
+    }
+
+    /// The program, or the first registration that was refused.
+    pub fn build(self) -> Result<App, RegistrationError> {
+        match self.errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(App {
+                registry: self.registry,
+                name: self.name,
+            }),
+        }
+    }
+
+    /// Build the program and run its command line on this process's arguments: the `main` of a
+    /// custom binary. A refused registration is printed (`NAME: cannot start: filter kind ...`)
+    /// and exits with status 2, before any argument or config is read.
+    pub fn main(self) -> ExitCode {
+        let name = self.name;
+        match self.build() {
+            Ok(app) => app.main(),
+            Err(e) => {
+                eprintln!("{name}: cannot start: {e}");
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+/// A caregate program: the filter kinds it knows, behind caregate's command line.
+///
+/// Made by [`App::builder`]; the stock `caregate` binary is `App::builder().main()`.
+pub struct App {
+    registry: FilterRegistry,
+    name: &'static str,
+}
+
+impl App {
+    /// A builder holding every built-in filter kind ([`FilterRegistry::builtin`]), named
+    /// `caregate`.
+    pub fn builder() -> AppBuilder {
+        let registry = FilterRegistry::builtin();
+        let builtin = registry.kinds().collect();
+        AppBuilder {
+            registry,
+            builtin,
+            name: "caregate",
+            errors: Vec::new(),
+        }
+    }
+
+    /// The filter kinds this program builds: the built-in ones and those registered on the
+    /// builder. Pass it to [`config::load_file_with`] to validate a config as `check` does
+    /// (e.g. in a test of your example config).
+    pub fn registry(&self) -> &FilterRegistry {
+        &self.registry
+    }
+
+    /// The program's name (see [`AppBuilder::name`]).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Read, parse and validate a config file with this program's filter kinds: what `check`
+    /// does, without printing.
+    pub fn load_config(&self, path: &Path) -> Result<config::Loaded, config::ConfigError> {
+        config::load_file_with(path, &self.registry)
+    }
+
+    /// Run the command line on this process's arguments (`std::env::args_os`).
+    pub fn main(self) -> ExitCode {
+        self.run_with_args(std::env::args_os())
+    }
+
+    /// Run the command line on `args` (the first one is the program's name, as in
+    /// `std::env::args_os`). `--help`, `--version` and usage errors print as clap prints them
+    /// and return its exit status (0, or 2 for a usage error); nothing exits the process here.
+    /// `run` and `demo` return when the gateway has shut down.
+    pub fn run_with_args<I, T>(&self, args: I) -> ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        init_logging();
+        let command = Cli::command().name(self.name).bin_name(self.name);
+        let cli = match command
+            .try_get_matches_from(args)
+            .and_then(|m| Cli::from_arg_matches(&m))
+        {
+            Ok(cli) => cli,
+            Err(e) => {
+                let _ = e.print();
+                return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            }
+        };
+        match cli.command {
+            Command::Run {
+                config,
+                upgrade,
+                daemon,
+            } => self.run(&config, upgrade, daemon, None),
+            Command::Check { config } => self.check(&config),
+            Command::Demo { config } => {
+                let banner = match self.load(&config) {
+                    Ok(l) => demo_banner(&l),
+                    Err(e) => {
+                        eprintln!(
+                            "{}: invalid demo config: {e} (run from the repository root)",
+                            self.name
+                        );
+                        return ExitCode::from(1);
+                    }
+                };
+                self.run(&config, false, false, Some(banner))
+            }
+            Command::Sandbox {
+                listen,
+                data,
+                base_url,
+            } => self.sandbox(listen, data, base_url),
+            Command::Audit {
+                command: AuditCommand::Verify { file, key_env },
+            } => self.audit_verify(&file, &key_env),
+        }
+    }
+
+    fn load(&self, path: &Path) -> Result<config::Loaded, String> {
+        self.load_config(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn check(&self, path: &Path) -> ExitCode {
+        match self.load(path) {
+            Ok(l) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} pools)",
+                    path.display(),
+                    l.config.listeners.len(),
+                    l.config.routes.len(),
+                    l.config.pools.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: invalid config: {e}", self.name);
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    fn run(&self, path: &Path, upgrade: bool, daemon: bool, banner: Option<String>) -> ExitCode {
+        let name = &self.name;
+        if daemon {
+            eprintln!("{name}: {DAEMON_REFUSED}");
+            return ExitCode::from(2);
+        }
+        // From here on a SIGHUP is logged, never fatal (reload is not supported yet).
+        if let Err(e) = crate::lifecycle::catch_sighup_early() {
+            eprintln!("{name}: cannot install the SIGHUP handler: {e}");
+            return ExitCode::from(1);
+        }
+        let loaded = match self.load(path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{name}: invalid config: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        // Start whole or not at all: every listen address must be free before anything starts.
+        // On a graceful upgrade the old process holds them and hands them over.
+        if !upgrade {
+            if let Err(e) = crate::lifecycle::precheck_binds(&loaded.config) {
+                eprintln!("{name}: cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        let opt = Opt {
+            upgrade,
+            daemon: false,
+            ..Opt::default()
+        };
+        let server = match build_server(loaded, opt) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{name}: cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if let Some(b) = banner {
+            println!("{b}");
+        }
+        server.run(RunArgs {
+            shutdown_signal: Box::new(crate::lifecycle::GatewaySignals),
+        });
+        ExitCode::SUCCESS
+    }
+
+    fn audit_verify(&self, file: &Path, key_env: &str) -> ExitCode {
+        let name = &self.name;
+        let Ok(key) = std::env::var(key_env) else {
+            eprintln!("{name} audit verify: set {key_env} to the audit HMAC key");
+            return ExitCode::from(2);
+        };
+        match caregate_audit::verify(file, key.as_bytes()) {
+            Ok(report) => {
+                println!(
+                    "{}: ok — {} records, {} checkpoints, seq {}..{}",
+                    report.file.display(),
+                    report.records,
+                    report.checkpoints,
+                    report
+                        .first_seq
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    report
+                        .last_seq
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                );
+                for w in &report.warnings {
+                    println!("note: {w}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{name} audit verify: FAILED: {e}");
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    fn sandbox(&self, listen: SocketAddr, data: PathBuf, base_url: Option<String>) -> ExitCode {
+        let name = &self.name;
+        let base = base_url.unwrap_or_else(|| format!("http://{listen}/fhir"));
+        let sandbox = Sandbox::new(&base);
+        let n = match sandbox.load_dir(&data) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("{name} sandbox: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("{name} sandbox: cannot start a runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let server = SandboxServer::new("standalone", listen, &base, Arc::new(sandbox));
+        rt.block_on(async move {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                }
+                let _ = tx.send(true);
+            });
+            log::info!("sandbox: {n} resources, base {base}");
+            match server.serve(rx).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{name} sandbox: cannot listen on {listen}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        })
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "caregate",
+    version,
+    about = "An API gateway for healthcare, on Pingora"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The gateway's YAML config.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Take over the listening sockets of a running gateway (graceful upgrade).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Not supported: caregate runs in the foreground under a supervisor (systemd
+        /// `Type=exec`, Kubernetes, a container runtime); `--daemon` exits with an explanation.
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with the message when not.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run the built-in demo: the gateway in front of sandbox FHIR servers in two zones.
+    Demo {
+        #[arg(short, long, default_value = "conf/demo.yaml")]
+        config: PathBuf,
+    },
+    /// Work with the PHI audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Run a standalone sandbox FHIR server (synthetic data; no access control of its own).
+    Sandbox {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Folder of FHIR JSON files to load.
+        #[arg(long)]
+        data: PathBuf,
+        /// Base URL its links are built from (default http://LISTEN/fhir).
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit file's keyed chain: exit 0 when intact, 1 naming the first broken place
+    /// (an edited, removed or reordered record, or a cut-off tail).
+    Verify {
+        file: PathBuf,
+        /// The environment variable holding the chain's HMAC key (never pass it as an argument).
+        #[arg(long, default_value = "CAREGATE_AUDIT_KEY")]
+        key_env: String,
+    },
+}
+
+fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .try_init();
+}
+
+/// Why `--daemon` is refused: Pingora forks inside `run`, after the gateway has started its
+/// audit and access-log writer threads, and a fork keeps only the forking thread — the daemon
+/// would serve PHI routes with no audit writer.
+const DAEMON_REFUSED: &str = "--daemon is not supported: the audit trail and access \
+log writers would not survive the fork. Run caregate in the foreground under a supervisor \
+instead (systemd: Type=exec with ExecStart=caregate run -c FILE; see docs/operations.md), \
+or in a container.";
+
+fn demo_banner(loaded: &config::Loaded) -> String {
+    let cfg = &loaded.config;
+    let public = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == "public")
+        .map(|l| l.listen.to_string())
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let internal = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == "internal")
+        .map(|l| l.listen.to_string())
+        .unwrap_or_else(|| "127.0.0.1:8081".into());
+    let admin = cfg.admin.listen.to_string();
+    let zone_a = cfg
+        .sandboxes
+        .first()
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    format!(
+        r#"
+caregate demo: the gateway in front of two sandbox FHIR servers (zone-a preferred, zone-b standby)
+holding synthetic Synthea patients. Try, in another terminal:
+
+  # readiness and metrics (admin listener, loopback only)
+  curl -s http://{admin}/readyz
+  curl -s http://{admin}/metrics | grep caregate_upstream_backend_healthy
+
+  # FHIR through the public listener
+  curl -s http://{public}/fhir/metadata | head -c 300; echo
+  curl -s 'http://{public}/fhir/Patient?_count=2' | head -c 600; echo
+  curl -s 'http://{public}/fhir/Observation?category=vital-signs&_count=1' | head -c 600; echo
+
+  # what the gateway refuses: a path trick, an internal route on the public listener
+  curl -si 'http://{public}/fhir/%2e%2e/internal/fhir/Patient' | head -n 1
+  curl -si 'http://{public}/fhir/Patient%2F1' | head -n 1
+  curl -s  'http://{public}/internal/fhir/Patient'; echo
+  curl -s  'http://{internal}/internal/fhir/Patient?_count=1' | head -c 300; echo
+
+  # a preflight from the patient portal, answered at the gateway
+  curl -si -X OPTIONS http://{public}/fhir/Patient -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' | head -n 5
+
+  # take zone-a down: its sandbox closes its socket; traffic fails over to zone-b
+  curl -s -X POST http://{admin}/sandbox/{zone_a}/outage
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' 'http://{public}/fhir/Patient?_count=1'; done; echo
+  curl -s -o /dev/null -w '%{{http_code}}\n' 'http://{public}/fhir/Patient?_count=1'   # still served, by zone-b
+  curl -s http://{admin}/metrics | grep -E 'caregate_upstream_(failovers_total|backend_healthy)'
+  curl -s -X POST http://{admin}/sandbox/{zone_a}/restore
+
+Stop with Ctrl-C.
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(
+        _config: serde_yaml::Value,
+        _cx: &BuildContext,
+    ) -> Result<Arc<dyn Filter>, BuildError> {
+        struct Plain;
+        impl Filter for Plain {
+            fn kind(&self) -> &'static str {
+                "plain"
+            }
+        }
+        Ok(Arc::new(Plain))
+    }
+
+    #[test]
+    fn the_builder_registers_through_the_public_registry() {
+        let app = App::builder()
+            .name("my-gateway")
+            .filter_kind("plain", plain)
+            .build()
+            .ok();
+        let kinds: Vec<&str> = app
+            .as_ref()
+            .map(|a| a.registry().kinds().collect())
+            .unwrap_or_default();
+        assert!(
+            kinds.contains(&"plain") && kinds.contains(&"jwt_auth"),
+            "{kinds:?}"
+        );
+        assert_eq!(app.as_ref().map(App::name), Some("my-gateway"));
+        // The stock program: the built-in kinds only.
+        let stock = App::builder().build().ok();
+        let n = stock.map(|a| a.registry().kinds().count()).unwrap_or(0);
+        assert_eq!(n, FilterRegistry::builtin().kinds().count());
+        assert_eq!(n + 1, kinds.len());
+    }
+
+    #[test]
+    fn a_kind_registered_twice_or_shadowing_a_builtin_is_refused() {
+        let twice = App::builder()
+            .filter_kind("plain", plain)
+            .filter_kind("plain", plain)
+            .build()
+            .err();
+        assert_eq!(twice, Some(RegistrationError::Duplicate { kind: "plain" }));
+        assert_eq!(
+            twice.map(|e| e.to_string()).unwrap_or_default(),
+            "filter kind `plain` is registered twice; register each kind once"
+        );
+        let shadow = App::builder()
+            .filter_kind("jwt_auth", plain)
+            .filter_kind("plain", plain)
+            .build()
+            .err();
+        assert_eq!(
+            shadow,
+            Some(RegistrationError::ShadowsBuiltin { kind: "jwt_auth" })
+        );
+        assert!(shadow
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("`jwt_auth` is a built-in kind of caregate"));
+        for bad in ["", "Consent", "1st", "my-kind", "consent check"] {
+            assert_eq!(
+                App::builder().filter_kind(bad, plain).build().err(),
+                Some(RegistrationError::InvalidName { kind: bad }),
+                "{bad:?}"
+            );
+        }
+        // A refused program exits 2 before it reads any argument.
+        assert_eq!(
+            App::builder().filter_kind("cors", plain).main(),
+            ExitCode::from(2)
+        );
+    }
+
+    #[test]
+    fn usage_errors_return_instead_of_exiting() {
+        let app = App::builder().build().ok();
+        let code = app.map(|a| a.run_with_args(["caregate", "no-such-command"]));
+        assert_eq!(code, Some(ExitCode::from(2)));
+    }
+}

@@ -6,11 +6,14 @@
 //! references are substituted before parsing; a missing variable is an error.
 
 use caregate_filters::builtin::jwt_auth::AuthConfig;
+use caregate_filters::declare::{self, ChainRules, Link, Violation};
 use caregate_filters::identity::TenantConfig;
-use caregate_filters::{BuildContext, Channel, Filter, FilterRegistry, FilterSpec, Mode};
+use caregate_filters::{
+    BuildContext, Capability, Channel, Filter, FilterRegistry, FilterSpec, Mode,
+};
 use ipnet::IpNet;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -207,10 +210,13 @@ pub struct RouteConfig {
     /// Methods; empty = any.
     #[serde(default)]
     pub methods: Vec<String>,
-    /// A FHIR route: errors are OperationOutcomes, `;` path parameters are refused.
+    /// A FHIR route: errors are OperationOutcomes, `;` path parameters are refused, and the
+    /// gateway classifies each request before the first filter (what `smart_scopes` and
+    /// `patient_compartment` need).
     #[serde(default)]
     pub fhir: bool,
-    /// The route carries PHI: tenant isolation on it may only run in `enforce` mode.
+    /// The route carries PHI: the filters on its chain that confine access (`jwt_auth`,
+    /// `smart_scopes`, `patient_compartment`, `tenant`) may only run in `enforce` mode.
     #[serde(default)]
     pub phi: bool,
     pub pool: String,
@@ -489,21 +495,38 @@ impl Loaded {
     }
 }
 
-/// Read, parse and validate a config file.
+/// Read, parse and validate a config file, building its filters with the built-in kinds
+/// ([`FilterRegistry::builtin`]). A program with kinds of its own uses [`load_file_with`].
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
+    load_file_with(path, &FilterRegistry::builtin())
+}
+
+/// Read, parse and validate a config file, building its filters with `registry` (the kinds a
+/// `kind:` may name).
+pub fn load_file_with(path: &Path, registry: &FilterRegistry) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
     let base_dir = path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    load_str(&text, base_dir)
+    load_str_with(&text, base_dir, registry)
 }
 
-/// Parse and validate config text.
+/// Parse and validate config text with the built-in filter kinds (see [`load_str_with`]).
 pub fn load_str(text: &str, base_dir: PathBuf) -> Result<Loaded, ConfigError> {
+    load_str_with(text, base_dir, &FilterRegistry::builtin())
+}
+
+/// Parse and validate config text, building its filters with `registry`. Relative paths in it
+/// resolve against `base_dir`.
+pub fn load_str_with(
+    text: &str,
+    base_dir: PathBuf,
+    registry: &FilterRegistry,
+) -> Result<Loaded, ConfigError> {
     let config = parse(text)?;
-    let (route_filters, listener_filters) = validate(&config, &base_dir)?;
+    let (route_filters, listener_filters) = validate_with(&config, &base_dir, registry)?;
     Ok(Loaded {
         config,
         route_filters,
@@ -530,12 +553,23 @@ fn unique<'a>(
     Ok(seen)
 }
 
-/// Check cross-references and values; build every route's filters.
 /// The filters built from a config: per route, and per listener.
 pub type BuiltFilters = (Vec<Vec<Arc<dyn Filter>>>, Vec<Vec<Arc<dyn Filter>>>);
 
-/// Check cross-references and values; build every route's and listener's filters.
+/// Check cross-references and values; build every route's and listener's filters with the
+/// built-in filter kinds (see [`validate_with`]).
 pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError> {
+    validate_with(c, base_dir, &FilterRegistry::builtin())
+}
+
+/// Check cross-references and values; build every route's and listener's filters with
+/// `registry`, and hold every chain to its filters' declarations. A `kind` the registry does
+/// not know is an error naming its place.
+pub fn validate_with(
+    c: &Config,
+    base_dir: &Path,
+    registry: &FilterRegistry,
+) -> Result<BuiltFilters, ConfigError> {
     if c.server.max_exchange_body_bytes == 0 {
         return err("server.max_exchange_body_bytes: must be positive");
     }
@@ -553,16 +587,22 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
     let sandboxes = unique("sandboxes", c.sandboxes.iter().map(|s| s.name.as_str()))?;
     unique("routes", c.routes.iter().map(|r| r.name.as_str()))?;
 
-    let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
-    let mut bind = |addr: SocketAddr, who: String| -> Result<(), ConfigError> {
-        if addr.port() != 0 {
-            if let Some(other) = addrs.insert(addr, who.clone()) {
-                return err(format!("{who}: address {addr} is already used by {other}"));
-            }
+    let mut addrs: Vec<&ListenAddress> = Vec::new();
+    let listen = listen_addresses(c);
+    for l in &listen {
+        if let Some(other) = addrs.iter().find(|o| binds_overlap(o.addr, l.addr)) {
+            let (who, addr) = (&l.place, l.addr);
+            return err(if other.addr == addr {
+                format!("{who}: address {addr} is already used by {}", other.place)
+            } else {
+                format!(
+                    "{who}: address {addr} overlaps {} of {} (the same port on a wildcard address)",
+                    other.addr, other.place
+                )
+            });
         }
-        Ok(())
-    };
-    bind(c.admin.listen, "admin.listen".into())?;
+        addrs.push(l);
+    }
     if c.admin.token.as_deref() == Some("") {
         return err(
             "admin.token: is empty (an unset secret?); remove the key to run without a token",
@@ -574,7 +614,6 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
     }
     for (i, l) in c.listeners.iter().enumerate() {
-        bind(l.listen, format!("listeners[{i}].listen"))?;
         if let Some(tls) = &l.tls {
             if tls.require_client_cert && tls.client_ca.is_none() {
                 return err(format!(
@@ -584,7 +623,6 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
     }
     for (i, s) in c.sandboxes.iter().enumerate() {
-        bind(s.listen, format!("sandboxes[{i}].listen"))?;
         let base = s.base_url();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return err(format!("sandboxes[{i}].base_url: must be an http(s) URL"));
@@ -712,7 +750,6 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
     }
 
-    let registry = FilterRegistry::builtin();
     let cx = BuildContext {
         auth: c.auth.clone(),
         shared: Default::default(),
@@ -758,14 +795,6 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
             let filter = registry.build(spec, &cx).map_err(|e| {
                 ConfigError(format!("routes[{i}].filters[{f}] ({}): {e}", spec.kind))
             })?;
-            if r.phi && filter.kind() == "tenant" && filter.mode() != Mode::Enforce {
-                return err(format!(
-                    "routes[{i}].filters[{f}] (tenant): mode {} is not allowed on a route that \
-                     carries PHI (phi: true): a shadowed tenant mismatch would let one hospital \
-                     reach another's data",
-                    filter.mode().as_str()
-                ));
-            }
             filters.push(filter);
         }
         built.push(filters);
@@ -781,48 +810,311 @@ pub fn validate(c: &Config, base_dir: &Path) -> Result<BuiltFilters, ConfigError
         }
         listener_built.push(filters);
     }
-    // Chains as they will run (listener filters first): PHI routes keep tenant isolation in
-    // enforce, and fact-writing filters appear once.
+    // Chains as they will run (listener filters first, then the route's): every filter's
+    // declaration holds.
     for (i, r) in c.routes.iter().enumerate() {
         let Some(li) = c.listeners.iter().position(|l| l.name == r.listener) else {
             continue;
         };
-        let chain: Vec<&Arc<dyn Filter>> =
-            listener_built[li].iter().chain(built[i].iter()).collect();
-        for once in ["jwt_auth", "tenant"] {
-            if chain.iter().filter(|f| f.kind() == once).count() > 1 {
-                return err(format!(
-                    "routes[{i}] ({}): `{once}` appears more than once in its chain (listener and route filters together)",
-                    r.name
-                ));
-            }
-        }
-        if r.phi {
-            if let Some(f) = listener_built[li]
-                .iter()
-                .find(|f| f.kind() == "tenant" && f.mode() != Mode::Enforce)
-            {
-                return err(format!(
-                    "listeners[{li}] ({}): tenant isolation in mode {} is not allowed where a route carries PHI ({})",
-                    r.listener,
-                    f.mode().as_str(),
-                    r.name
-                ));
-            }
-        }
+        let listener = listener_built[li]
+            .iter()
+            .enumerate()
+            .map(|(n, f)| (format!("listeners[{li}].filters[{n}]"), f.clone()));
+        let own = built[i]
+            .iter()
+            .enumerate()
+            .map(|(n, f)| (format!("routes[{i}].filters[{n}]"), f.clone()));
+        let chain: Vec<(String, Arc<dyn Filter>)> = listener.chain(own).collect();
+        check_chain(i, r, &chain)?;
     }
-    // Report errors in `auth` even when no route uses jwt_auth yet.
-    if cx.shared.issuer_set.get().is_none()
-        && !(c.auth.issuers.is_empty() && c.auth.client_certificates.is_empty())
-    {
-        caregate_filters::builtin::jwt_auth::IssuerSet::build(
-            &c.auth,
-            &|p| cx.resolve(p),
-            std::sync::Arc::new(caregate_filters::builtin::jwt_auth::keys::SystemClock),
-        )
-        .map_err(|e| ConfigError(e.to_string()))?;
+    // Report errors in `auth` even when no route uses jwt_auth yet, and read every key set
+    // given as a file as the gateway will at start.
+    match caregate_filters::builtin::jwt_auth::shared_issuer_set(&cx) {
+        Some(Ok(set)) => set.check_key_files(),
+        // A build error of the shared set was already reported by the filter that built it.
+        Some(Err(e)) => Err(e),
+        None if !(c.auth.issuers.is_empty() && c.auth.client_certificates.is_empty()) => {
+            caregate_filters::builtin::jwt_auth::IssuerSet::build(
+                &c.auth,
+                &|p| cx.resolve(p),
+                std::sync::Arc::new(caregate_filters::builtin::jwt_auth::keys::SystemClock),
+            )
+            .and_then(|set| set.check_key_files())
+        }
+        None => Ok(()),
     }
+    .map_err(|e| ConfigError(e.to_string()))?;
+    check_files(c, base_dir)?;
     Ok((built, listener_built))
+}
+
+/// Read a PEM file the gateway will load at start, naming the config place on failure.
+fn read_pem(place: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError(format!("{place}: cannot read {}: {e}", path.display())))
+}
+
+/// A certificate chain file: at least one PEM certificate; the first is the leaf.
+fn load_certs(place: &str, path: &Path) -> Result<Vec<pingora::tls::x509::X509>, ConfigError> {
+    let pem = read_pem(place, path)?;
+    match pingora::tls::x509::X509::stack_from_pem(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        _ => err(format!(
+            "{place}: {} holds no PEM certificate",
+            path.display()
+        )),
+    }
+}
+
+/// A certificate and its private key: both readable, and the key the certificate's.
+fn check_cert_and_key(
+    place: &str,
+    cert: &Path,
+    cert_place: &str,
+    key: &Path,
+    key_place: &str,
+) -> Result<(), ConfigError> {
+    let certs = load_certs(&format!("{place}.{cert_place}"), cert)?;
+    let key_pem = read_pem(&format!("{place}.{key_place}"), key)?;
+    let Ok(pkey) = pingora::tls::pkey::PKey::private_key_from_pem(&key_pem) else {
+        return err(format!(
+            "{place}.{key_place}: {} holds no PEM private key (an encrypted key is not supported)",
+            key.display()
+        ));
+    };
+    let matches = certs
+        .first()
+        .and_then(|c| c.public_key().ok())
+        .map(|pubkey| pubkey.public_eq(&pkey))
+        .unwrap_or(false);
+    if !matches {
+        return err(format!(
+            "{place}: the key {} does not match the certificate {}",
+            key.display(),
+            cert.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Check every file the gateway loads at start (certificates, keys, CA bundles; key sets are
+/// checked with the issuers), so `check` refuses what `run` would fail on.
+fn check_files(c: &Config, base_dir: &Path) -> Result<(), ConfigError> {
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+    let listener_tls = c
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.tls.as_ref().map(|t| (format!("listeners[{i}].tls"), t)))
+        .chain(c.admin.tls.as_ref().map(|t| ("admin.tls".to_string(), t)));
+    for (place, t) in listener_tls {
+        check_cert_and_key(&place, &resolve(&t.cert), "cert", &resolve(&t.key), "key")?;
+        if let Some(ca) = &t.client_ca {
+            load_certs(&format!("{place}.client_ca"), &resolve(ca))?;
+        }
+    }
+    for (i, p) in c.pools.iter().enumerate() {
+        let Some(t) = &p.tls else { continue };
+        let place = format!("pools[{i}] ({}).tls", p.name);
+        if let Some(ca) = &t.ca_file {
+            load_certs(&format!("{place}.ca_file"), &resolve(ca))?;
+        }
+        if let (Some(cert), Some(key)) = (&t.client_cert, &t.client_key) {
+            check_cert_and_key(
+                &place,
+                &resolve(cert),
+                "client_cert",
+                &resolve(key),
+                "client_key",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One address the gateway listens on.
+pub struct ListenAddress {
+    /// Its place in the config (`listeners[0].listen`, `admin.listen`, `sandboxes[1].listen`).
+    pub place: String,
+    /// What listens there, for messages at start (`listeners[0] (public)`, `admin.listen`).
+    pub who: String,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+/// Every address the gateway listens on: the admin listener, the listeners, the built-in
+/// sandboxes. `check` holds them apart; `run` binds each once before anything starts.
+pub fn listen_addresses(c: &Config) -> Vec<ListenAddress> {
+    let mut out = vec![ListenAddress {
+        place: "admin.listen".into(),
+        who: "admin.listen".into(),
+        addr: c.admin.listen,
+    }];
+    out.extend(c.listeners.iter().enumerate().map(|(i, l)| ListenAddress {
+        place: format!("listeners[{i}].listen"),
+        who: format!("listeners[{i}] ({})", l.name),
+        addr: l.listen,
+    }));
+    out.extend(c.sandboxes.iter().enumerate().map(|(i, s)| ListenAddress {
+        place: format!("sandboxes[{i}].listen"),
+        who: format!("sandboxes[{i}] ({})", s.name),
+        addr: s.listen,
+    }));
+    out
+}
+
+/// Whether two listen addresses would fight over one port: the same address, or a wildcard
+/// (`0.0.0.0` for IPv4, `::` for both families, as Linux binds it by default) beside any
+/// address of a family it covers.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    if a.ip() == b.ip() {
+        return true;
+    }
+    let covers = |wild: SocketAddr, other: SocketAddr| match wild.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
+        std::net::IpAddr::V6(ip) => ip.is_unspecified(),
+    };
+    covers(a, b) || covers(b, a)
+}
+
+/// Refuse a route whose chain breaks a declaration of one of its filters
+/// ([`Filter::declaration`]; the rules are [`caregate_filters::declare::check`]'s). `chain` is
+/// the route's chain as it runs — its listener's filters, then its own — each with the place it
+/// was configured (`listeners[0].filters[1]`, `routes[2].filters[0]`). On a `fhir: true` route
+/// the gateway provides the FHIR classification before the first filter; on a `phi: true` route,
+/// confining filters must run in enforce mode. The error names the route and the filters
+/// involved; the first violation in chain order is reported.
+pub fn check_chain(
+    i: usize,
+    r: &RouteConfig,
+    chain: &[(String, Arc<dyn Filter>)],
+) -> Result<(), ConfigError> {
+    let links: Vec<Link> = chain.iter().map(|(_, f)| Link::of(f.as_ref())).collect();
+    let fhir: &[Capability] = &[Capability::Classification];
+    let rules = ChainRules {
+        provided: if r.fhir { fhir } else { &[] },
+        enforce_confining: r.phi,
+    };
+    match declare::check(&links, &rules).into_iter().next() {
+        None => Ok(()),
+        Some(v) => err(describe_violation(i, r, chain, v)),
+    }
+}
+
+/// The message of a chain that breaks a declaration.
+fn describe_violation(
+    i: usize,
+    r: &RouteConfig,
+    chain: &[(String, Arc<dyn Filter>)],
+    v: Violation,
+) -> String {
+    let route = format!("routes[{i}] ({})", r.name);
+    // The kind and place of the filter at `n` of the chain.
+    let at = |n: usize| {
+        chain
+            .get(n)
+            .map(|(place, f)| (f.kind(), place.as_str()))
+            .unwrap_or(("?", "?"))
+    };
+    match v {
+        Violation::ProvidedLater {
+            at: n,
+            provider,
+            capability,
+            hard,
+        } => {
+            let (kind, place) = at(n);
+            let (pkind, pplace) = at(provider);
+            format!(
+                "{route}: `{kind}` ({place}) runs before `{pkind}` ({pplace}); it {} {} that \
+                 `{pkind}` provides, so put `{pkind}` first",
+                if hard { "needs" } else { "reads" },
+                capability.describe()
+            )
+        }
+        Violation::Missing {
+            at: n,
+            capability,
+            off,
+        } => {
+            let (kind, place) = at(n);
+            let what = capability.describe();
+            match (off, capability.usual_provider()) {
+                (Some(o), _) => {
+                    let (okind, oplace) = at(o);
+                    format!(
+                        "{route}: `{kind}` ({place}) needs {what}, and `{okind}` ({oplace}), \
+                         which provides it, is in mode off: it does not run"
+                    )
+                }
+                (None, _) if capability == Capability::Classification => format!(
+                    "{route}: `{kind}` ({place}) needs {what}, which the gateway provides on a \
+                     FHIR route only; set `fhir: true` on the route, or take `{kind}` out of its \
+                     chain"
+                ),
+                (None, Some(usual)) => format!(
+                    "{route}: `{kind}` ({place}) needs {what} that `{usual}` provides, and the \
+                     chain has no `{usual}` (listener and route filters together)"
+                ),
+                (None, None) => format!(
+                    "{route}: `{kind}` ({place}) needs {what}, and no filter of its chain \
+                     provides it (listener and route filters together)"
+                ),
+            }
+        }
+        Violation::Repeated { first, again } => {
+            let (kind, first) = at(first);
+            let (_, again) = at(again);
+            format!(
+                "{route}: `{kind}` appears more than once in its chain (listener and route \
+                 filters together), at {first} and at {again}; it may appear once per chain"
+            )
+        }
+        Violation::ProvidedTwice {
+            first,
+            again,
+            capability,
+        } => {
+            let (kind, place) = at(again);
+            let what = capability.describe();
+            match first {
+                Some(f) => {
+                    let (fkind, fplace) = at(f);
+                    format!(
+                        "{route}: `{kind}` ({place}) provides {what}, which `{fkind}` ({fplace}) \
+                         provides already; a chain has one provider of it"
+                    )
+                }
+                None => format!(
+                    "{route}: `{kind}` ({place}) provides {what}, which the gateway provides \
+                     already on this route; a chain has one provider of it"
+                ),
+            }
+        }
+        Violation::NotEnforced { at: n, mode } => {
+            let (kind, place) = at(n);
+            let consequence = match mode {
+                Mode::Off => "in mode off it does not run at all",
+                _ => "in mode shadow a request it refuses still goes on",
+            };
+            format!(
+                "{place} ({kind}): mode {} is not allowed on a route that carries PHI ({route} \
+                 has phi: true): `{kind}` confines access, and {consequence}",
+                mode.as_str()
+            )
+        }
+        // A violation this version does not know yet: name the route at least.
+        _ => format!("{route}: its chain breaks a filter's declaration ({v:?})"),
+    }
 }
 
 #[cfg(test)]
@@ -846,6 +1138,38 @@ routes:
         let l = load_str(MINIMAL, PathBuf::from(".")).unwrap();
         assert_eq!(l.config.routes.len(), 1);
         assert_eq!(l.config.server.grace_period_seconds, 5);
+    }
+
+    /// A kind of a program's own: known to the registry it passes in, unknown to the built-in
+    /// one, and its config errors named like a built-in kind's.
+    #[test]
+    fn a_registry_passed_in_builds_its_own_kinds() {
+        fn build_plain(
+            config: serde_yaml::Value,
+            _cx: &BuildContext,
+        ) -> Result<Arc<dyn Filter>, caregate_filters::BuildError> {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct PlainConfig {}
+            let _: PlainConfig = caregate_filters::registry::parse_config(config)?;
+            Ok(Arc::new(Plain))
+        }
+        let mut registry = FilterRegistry::builtin();
+        assert!(registry.register("plain", build_plain));
+        let text = MINIMAL.replace("pool: app }", "pool: app, filters: [ {kind: plain} ] }");
+        let l = load_str_with(&text, PathBuf::from("."), &registry).unwrap();
+        assert_eq!(l.route_filters[0][0].kind(), "plain");
+        let e = error_of(load_str(&text, PathBuf::from(".")));
+        assert!(
+            e.starts_with("routes[0].filters[0] (plain): kind: unknown filter kind `plain`"),
+            "{e}"
+        );
+        let bad = text.replace("{kind: plain}", "{kind: plain, config: {colour: blue}}");
+        let e = error_of(load_str_with(&bad, PathBuf::from("."), &registry));
+        assert!(
+            e.starts_with("routes[0].filters[0] (plain): config.colour: unknown field `colour`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -930,6 +1254,464 @@ routes:
         .unwrap()
         .0;
         assert!(e.starts_with("listeners[0].listen:"), "{e}");
+    }
+
+    const WITH_AUTH: &str = r#"
+listeners:
+  - { name: public, channel: public, listen: "127.0.0.1:0" }
+auth:
+  issuers:
+    - { name: idp, issuer: "https://idp.test", hs_secret: "a-test-secret-of-at-least-32-bytes!", algorithms: [HS256], audiences: [api], claims: { patient: patient } }
+tenants: [ { id: a, hosts: [a.test] } ]
+pools:
+  - name: app
+    zones:
+      - { name: a, backends: [ { address: "127.0.0.1:9" } ] }
+routes:
+  - name: fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    pool: app
+    filters: FILTERS
+"#;
+
+    fn chain(filters: &str) -> Result<Loaded, ConfigError> {
+        load_str(&WITH_AUTH.replace("FILTERS", filters), PathBuf::from("."))
+    }
+
+    #[test]
+    fn confining_filters_must_follow_the_identity_filter() {
+        // The order the issue found passing `check`: the compartment check saw no caller yet.
+        let e = chain("[ {kind: patient_compartment}, {kind: jwt_auth}, {kind: smart_scopes} ]")
+            .err()
+            .unwrap()
+            .0;
+        assert_eq!(
+            e,
+            "routes[0] (fhir): `patient_compartment` (routes[0].filters[0]) runs before \
+             `jwt_auth` (routes[0].filters[1]); it needs the verified caller that `jwt_auth` \
+             provides, so put `jwt_auth` first"
+        );
+        for kind in ["smart_scopes", "tenant", "rbac", "fhir_mask"] {
+            let cfg = match kind {
+                "tenant" => "{kind: tenant, config: {resolve: [header]}}".to_string(),
+                "rbac" => "{kind: rbac, config: {rules: [{effect: allow}]}}".to_string(),
+                "fhir_mask" => "{kind: fhir_mask, config: {default: {Patient: [{path: name, action: redact}]}}}".to_string(),
+                k => format!("{{kind: {k}}}"),
+            };
+            let e = chain(&format!("[ {cfg}, {{kind: jwt_auth}} ]"))
+                .err()
+                .map(|e| e.0)
+                .unwrap_or_default();
+            assert!(
+                e.contains(&format!(
+                    "`{kind}` (routes[0].filters[0]) runs before `jwt_auth`"
+                )),
+                "{kind}: {e}"
+            );
+        }
+        // A confining filter with no identity filter at all can never see a caller.
+        let e = chain("[ {kind: smart_scopes} ]").err().unwrap().0;
+        assert!(e.contains("has no `jwt_auth`"), "{e}");
+        // Off does not run; the right order passes; a caller-less rbac may run alone.
+        assert!(
+            chain("[ {kind: patient_compartment, config: {mode: off}}, {kind: jwt_auth} ]").is_ok()
+        );
+        assert!(
+            chain("[ {kind: jwt_auth}, {kind: smart_scopes}, {kind: patient_compartment} ]")
+                .is_ok()
+        );
+        assert!(
+            chain("[ {kind: rbac, config: {rules: [{effect: allow, methods: [GET]}]}} ]").is_ok()
+        );
+    }
+
+    #[test]
+    fn listener_filters_run_first_in_the_order_check() {
+        let text = WITH_AUTH
+            .replace(
+                "listen: \"127.0.0.1:0\" }",
+                "listen: \"127.0.0.1:0\", filters: [ {kind: smart_scopes} ] }",
+            )
+            .replace("FILTERS", "[ {kind: jwt_auth} ]");
+        let e = load_str(&text, PathBuf::from(".")).err().unwrap().0;
+        assert!(
+            e.contains("`smart_scopes` (listeners[0].filters[0]) runs before `jwt_auth` (routes[0].filters[0])"),
+            "{e}"
+        );
+    }
+
+    /// The `fhir` route of [`WITH_AUTH`] with its `fhir` and `phi` flags set (and the audit
+    /// section a PHI route needs).
+    fn route_with(fhir: bool, phi: bool, filters: &str) -> Result<Loaded, ConfigError> {
+        let text = format!(
+            "audit: {{ path: /tmp/caregate-unused-audit.jsonl, hmac_key: \"0123456789abcdef0123456789abcdef\" }}\n{}",
+            WITH_AUTH
+                .replace("    fhir: true\n", &format!("    fhir: {fhir}\n    phi: {phi}\n"))
+                .replace("FILTERS", filters)
+        );
+        load_str(&text, PathBuf::from("."))
+    }
+
+    fn error_of(r: Result<Loaded, ConfigError>) -> String {
+        r.err().map(|e| e.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn once_per_chain() {
+        // One on the listener, one on the route: the chain has two.
+        let text = WITH_AUTH
+            .replace(
+                "listen: \"127.0.0.1:0\" }",
+                "listen: \"127.0.0.1:0\", filters: [ {kind: jwt_auth} ] }",
+            )
+            .replace("FILTERS", "[ {kind: jwt_auth} ]");
+        let e = error_of(load_str(&text, PathBuf::from(".")));
+        assert_eq!(
+            e,
+            "routes[0] (fhir): `jwt_auth` appears more than once in its chain (listener and \
+             route filters together), at listeners[0].filters[0] and at routes[0].filters[0]; it \
+             may appear once per chain"
+        );
+        // Whatever the modes: a second one in mode off is refused too.
+        let e = error_of(chain(
+            "[ {kind: jwt_auth}, {kind: jwt_auth, config: {mode: off}} ]",
+        ));
+        assert!(
+            e.contains("`jwt_auth` appears more than once in its chain"),
+            "{e}"
+        );
+        for (kind, cfg) in [
+            ("tenant", "{kind: tenant, config: {resolve: [header]}}"),
+            ("patient_compartment", "{kind: patient_compartment}"),
+            (
+                "fhir_mask",
+                "{kind: fhir_mask, config: {default: {Patient: [{path: name, action: redact}]}}}",
+            ),
+        ] {
+            let e = error_of(chain(&format!("[ {{kind: jwt_auth}}, {cfg}, {cfg} ]")));
+            assert!(
+                e.starts_with(&format!(
+                    "routes[0] (fhir): `{kind}` appears more than once in its chain"
+                )),
+                "{kind}: {e}"
+            );
+            assert!(
+                e.contains("at routes[0].filters[1] and at routes[0].filters[2]"),
+                "{e}"
+            );
+        }
+        // Filters that are not `once` may repeat.
+        assert!(chain("[ {kind: headers}, {kind: jwt_auth}, {kind: smart_scopes}, {kind: headers}, {kind: smart_scopes} ]").is_ok());
+    }
+
+    #[test]
+    fn confining_filters_enforce_on_phi_routes() {
+        let full = [
+            "{kind: jwt_auth}",
+            "{kind: smart_scopes}",
+            "{kind: patient_compartment}",
+            "{kind: tenant, config: {resolve: [header]}}",
+        ];
+        let with_mode = |n: usize, mode: &str| {
+            let mut filters = full.map(str::to_string);
+            filters[n] = if n == 3 {
+                format!("{{kind: tenant, config: {{resolve: [header], mode: {mode}}}}}")
+            } else {
+                full[n].replace('}', &format!(", config: {{mode: {mode}}}}}"))
+            };
+            format!("[ {} ]", filters.join(", "))
+        };
+        assert!(route_with(true, true, &format!("[ {} ]", full.join(", "))).is_ok());
+        for (n, kind) in ["jwt_auth", "smart_scopes", "patient_compartment", "tenant"]
+            .into_iter()
+            .enumerate()
+        {
+            for mode in ["shadow", "off"] {
+                let e = error_of(route_with(true, true, &with_mode(n, mode)));
+                assert!(
+                    e.starts_with(&format!(
+                        "routes[0].filters[{n}] ({kind}): mode {mode} is not allowed on a route \
+                         that carries PHI (routes[0] (fhir) has phi: true): `{kind}` confines \
+                         access, and in mode {mode} "
+                    )),
+                    "{kind} {mode}: {e}"
+                );
+                // Without PHI the mode is the operator's choice; only a jwt_auth that does not
+                // run leaves the others without their caller.
+                let r = route_with(true, false, &with_mode(n, mode));
+                if (kind, mode) == ("jwt_auth", "off") {
+                    assert_eq!(
+                        error_of(r),
+                        "routes[0] (fhir): `smart_scopes` (routes[0].filters[1]) needs the \
+                         verified caller, and `jwt_auth` (routes[0].filters[0]), which provides \
+                         it, is in mode off: it does not run"
+                    );
+                } else {
+                    assert!(r.is_ok(), "{kind} {mode}: {:?}", r.err());
+                }
+            }
+        }
+        // Other policy filters keep their shadow mode on PHI routes.
+        assert!(route_with(
+            true,
+            true,
+            "[ {kind: ip_allow, config: {allow: [10.0.0.0/8], mode: shadow}}, {kind: jwt_auth}, \
+             {kind: rbac, config: {mode: shadow, rules: [{effect: allow}]}}, \
+             {kind: fhir_mask, config: {mode: off, default: {Patient: [{path: name, action: redact}]}}} ]"
+        )
+        .is_ok());
+        // A listener's filters count for each PHI route on it.
+        let text = format!(
+            "audit: {{ path: /tmp/a.jsonl, hmac_key: \"0123456789abcdef0123456789abcdef\" }}\n{}",
+            WITH_AUTH
+                .replace(
+                    "listen: \"127.0.0.1:0\" }",
+                    "listen: \"127.0.0.1:0\", filters: [ {kind: jwt_auth}, {kind: tenant, config: {mode: shadow}} ] }",
+                )
+                .replace("    fhir: true\n", "    fhir: true\n    phi: true\n")
+                .replace("FILTERS", "[]")
+        );
+        let e = error_of(load_str(&text, PathBuf::from(".")));
+        assert!(
+            e.starts_with(
+                "listeners[0].filters[1] (tenant): mode shadow is not allowed on a route that \
+                 carries PHI (routes[0] (fhir) has phi: true)"
+            ),
+            "{e}"
+        );
+        assert!(load_str(&text.replace("    phi: true\n", ""), PathBuf::from(".")).is_ok());
+    }
+
+    #[test]
+    fn the_classification_exists_on_fhir_routes_only() {
+        for kind in ["smart_scopes", "patient_compartment"] {
+            let e = error_of(route_with(
+                false,
+                false,
+                &format!("[ {{kind: jwt_auth}}, {{kind: {kind}}} ]"),
+            ));
+            assert_eq!(
+                e,
+                format!(
+                    "routes[0] (fhir): `{kind}` (routes[0].filters[1]) needs the FHIR \
+                     classification of the request, which the gateway provides on a FHIR route \
+                     only; set `fhir: true` on the route, or take `{kind}` out of its chain"
+                )
+            );
+        }
+        // The filters that read no classification run anywhere.
+        assert!(route_with(
+            false,
+            false,
+            "[ {kind: jwt_auth}, {kind: rbac, config: {rules: [{effect: allow}]}}, \
+             {kind: tenant, config: {resolve: [header]}} ]"
+        )
+        .is_ok());
+    }
+
+    /// A user's filter: its kind, mode and declaration are whatever the test says.
+    struct Custom {
+        kind: &'static str,
+        mode: Mode,
+        declaration: caregate_filters::Declaration,
+    }
+
+    impl Filter for Custom {
+        fn kind(&self) -> &'static str {
+            self.kind
+        }
+        fn mode(&self) -> Mode {
+            self.mode
+        }
+        fn declaration(&self) -> caregate_filters::Declaration {
+            self.declaration
+        }
+    }
+
+    /// A user's filter that overrides nothing but its kind: it declares nothing.
+    struct Plain;
+
+    impl Filter for Plain {
+        fn kind(&self) -> &'static str {
+            "plain"
+        }
+    }
+
+    #[test]
+    fn a_custom_filters_declaration_is_honoured() {
+        use caregate_filters::{Capability, Declaration};
+        const CONSENT: Capability = Capability::Custom("consent_checked");
+        let filter = |kind, mode, declaration| -> Arc<dyn Filter> {
+            Arc::new(Custom {
+                kind,
+                mode,
+                declaration,
+            })
+        };
+        let lookup = filter(
+            "consent_lookup",
+            Mode::Enforce,
+            Declaration::new().provides(&[CONSENT]).once(),
+        );
+        let gate = filter(
+            "consent_gate",
+            Mode::Shadow,
+            Declaration::new().needs(&[CONSENT]).confining(),
+        );
+        let placed = |fs: &[&Arc<dyn Filter>]| -> Vec<(String, Arc<dyn Filter>)> {
+            fs.iter()
+                .enumerate()
+                .map(|(n, f)| (format!("routes[0].filters[{n}]"), Arc::clone(f)))
+                .collect()
+        };
+        let route = |phi: bool| -> RouteConfig {
+            serde_yaml::from_str(&format!(
+                "{{ name: r, listener: public, path_prefix: /x, pool: app, phi: {phi} }}"
+            ))
+            .unwrap()
+        };
+        let plain: Arc<dyn Filter> = Arc::new(Plain);
+        let check = |phi: bool, fs: &[&Arc<dyn Filter>]| {
+            check_chain(0, &route(phi), &placed(fs))
+                .err()
+                .map(|e| e.0)
+                .unwrap_or_default()
+        };
+
+        assert_eq!(check(false, &[&plain, &lookup, &gate, &plain]), "");
+        assert_eq!(
+            check(false, &[&gate]),
+            "routes[0] (r): `consent_gate` (routes[0].filters[0]) needs `consent_checked`, and \
+             no filter of its chain provides it (listener and route filters together)"
+        );
+        assert_eq!(
+            check(false, &[&gate, &lookup]),
+            "routes[0] (r): `consent_gate` (routes[0].filters[0]) runs before `consent_lookup` \
+             (routes[0].filters[1]); it needs `consent_checked` that `consent_lookup` provides, \
+             so put `consent_lookup` first"
+        );
+        assert_eq!(
+            check(false, &[&lookup, &plain, &lookup, &gate]),
+            "routes[0] (r): `consent_lookup` appears more than once in its chain (listener and \
+             route filters together), at routes[0].filters[0] and at routes[0].filters[2]; it \
+             may appear once per chain"
+        );
+        // Confining in shadow: refused on a PHI route, allowed elsewhere. A filter that declares
+        // nothing is never refused.
+        assert_eq!(
+            check(true, &[&lookup, &gate]),
+            "routes[0].filters[1] (consent_gate): mode shadow is not allowed on a route that \
+             carries PHI (routes[0] (r) has phi: true): `consent_gate` confines access, and in \
+             mode shadow a request it refuses still goes on"
+        );
+        let plain_shadow = filter("plain", Mode::Shadow, Declaration::default());
+        assert_eq!(check(true, &[&plain_shadow, &plain]), "");
+
+        // A user's identity filter beside the built-in one: two writers of the caller.
+        let jwt = chain("[ {kind: jwt_auth} ]").unwrap().route_filters[0][0].clone();
+        let api_key = filter(
+            "api_key",
+            Mode::Enforce,
+            Declaration::new().provides(&[Capability::Principal]),
+        );
+        assert_eq!(
+            check(false, &[&jwt, &api_key]),
+            "routes[0] (r): `api_key` (routes[0].filters[1]) provides the verified caller, which \
+             `jwt_auth` (routes[0].filters[0]) provides already; a chain has one provider of it"
+        );
+        // ...and in place of it, it satisfies the built-in filters that need a caller.
+        let tenant = chain("[ {kind: jwt_auth}, {kind: tenant, config: {resolve: [header]}} ]")
+            .unwrap()
+            .route_filters[0][1]
+            .clone();
+        assert_eq!(check(true, &[&api_key, &tenant]), "");
+        assert!(check(true, &[&tenant, &api_key]).contains(
+            "`tenant` (routes[0].filters[0]) runs before `api_key` (routes[0].filters[1]); it \
+             needs the verified caller that `api_key` provides"
+        ));
+        // A user's classifier on a FHIR route competes with the gateway's.
+        let classifier = filter(
+            "classifier",
+            Mode::Enforce,
+            Declaration::new().provides(&[Capability::Classification]),
+        );
+        let mut fhir_route = route(false);
+        fhir_route.fhir = true;
+        assert_eq!(
+            check_chain(0, &fhir_route, &placed(&[&classifier]))
+                .err()
+                .map(|e| e.0)
+                .unwrap_or_default(),
+            "routes[0] (r): `classifier` (routes[0].filters[0]) provides the FHIR classification \
+             of the request, which the gateway provides already on this route; a chain has one \
+             provider of it"
+        );
+    }
+
+    #[test]
+    fn readers_follow_their_provider_when_there_is_one() {
+        // rbac and fhir_mask work without a caller (caller-less rules; the strictest masking)...
+        assert!(route_with(
+            false,
+            false,
+            "[ {kind: rbac, config: {rules: [{effect: allow, methods: [HEAD]}]}}, \
+             {kind: fhir_mask, config: {default: {Patient: [{path: name, action: redact}]}}} ]"
+        )
+        .is_ok());
+        // ...but never before the jwt_auth of their chain.
+        let e = error_of(chain(
+            "[ {kind: rbac, config: {rules: [{effect: allow}]}}, {kind: jwt_auth} ]",
+        ));
+        assert_eq!(
+            e,
+            "routes[0] (fhir): `rbac` (routes[0].filters[0]) runs before `jwt_auth` \
+             (routes[0].filters[1]); it reads the verified caller that `jwt_auth` provides, so \
+             put `jwt_auth` first"
+        );
+        // A jwt_auth in mode off does not run: the reader has no provider, which is allowed.
+        assert!(chain(
+            "[ {kind: rbac, config: {rules: [{effect: allow}]}}, {kind: jwt_auth, config: {mode: off}} ]"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn overlapping_binds_are_refused() {
+        let two = |a: &str, b: &str| {
+            MINIMAL.replace(
+                "  - { name: public, channel: public, listen: \"127.0.0.1:0\" }",
+                &format!("  - {{ name: public, channel: public, listen: \"{a}\" }}\n  - {{ name: internal, channel: internal, listen: \"{b}\" }}"),
+            )
+        };
+        for (a, b) in [
+            ("0.0.0.0:8443", "127.0.0.1:8443"),
+            ("127.0.0.1:8443", "0.0.0.0:8443"),
+            ("[::]:8443", "127.0.0.1:8443"),
+            ("10.0.0.1:8443", "10.0.0.1:8443"),
+        ] {
+            let e = load_str(&two(a, b), PathBuf::from(".")).err().unwrap().0;
+            assert!(
+                e.starts_with("listeners[1].listen: address"),
+                "{a} {b}: {e}"
+            );
+            assert!(e.contains("listeners[0].listen"), "{e}");
+        }
+        for (a, b) in [
+            ("0.0.0.0:8443", "0.0.0.0:9443"),
+            ("127.0.0.1:8443", "127.0.0.2:8443"),
+            ("0.0.0.0:8443", "[::1]:8443"),
+        ] {
+            assert!(load_str(&two(a, b), PathBuf::from(".")).is_ok(), "{a} {b}");
+        }
+        // The admin listener counts too.
+        let text = format!(
+            "admin: {{ listen: \"0.0.0.0:9901\" }}\n{}",
+            two("127.0.0.1:9901", "127.0.0.1:1")
+        );
+        let e = load_str(&text, PathBuf::from(".")).err().unwrap().0;
+        assert!(e.contains("overlaps 0.0.0.0:9901 of admin.listen"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use http::HeaderName;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
+use unicode_normalization::UnicodeNormalization;
 
 /// Why a path was refused (all answered with 400 `bad_path`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,17 @@ pub enum PathError {
     Backslash,
     EscapesRoot,
     DotSegmentParameter,
+    /// `%25` before the hex of `.`, `/` or `\` (`%252e`, `%252F`, `%255c`): a backend that
+    /// decodes twice sees a separator.
+    DoubleEncodedSeparator,
+    /// A character whose Unicode compatibility form (NFKC) holds `/`, `\`, `.`, `%` or `;`
+    /// (full-width solidus U+FF0F, two-dot leader U+2025, ...): a backend that folds Unicode
+    /// sees a separator.
+    SeparatorLookalike,
+    /// A non-ASCII character (raw or percent-encoded) on a FHIR route.
+    NonAscii,
+    /// `;` (raw or `%3B`) on a FHIR route.
+    PathParameter,
 }
 
 impl PathError {
@@ -36,6 +48,14 @@ impl PathError {
             PathError::DotSegmentParameter => {
                 "a dot segment with parameters ('..;') is not allowed"
             }
+            PathError::DoubleEncodedSeparator => {
+                "a double-encoded '.', '/' or '\\' ('%25' before its hex) is not allowed in the path"
+            }
+            PathError::SeparatorLookalike => {
+                "a character that Unicode compatibility folding turns into '/', '\\', '.', '%' or ';' is not allowed in the path"
+            }
+            PathError::NonAscii => "non-ASCII characters are not allowed in the path on FHIR routes",
+            PathError::PathParameter => "path parameters (';') are not allowed on FHIR routes",
         }
     }
 }
@@ -55,10 +75,49 @@ fn is_unreserved(b: u8) -> bool {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
+/// What a character in disguise may not fold into: the path separators `/` and `\`, the `.` of
+/// dot segments, the `%` of an escape (`％２ｅ` folds into `%2e`) and the `;` of path
+/// parameters (`..；` folds into `..;`).
+const FOLD_TARGETS: [char; 5] = ['/', '\\', '.', '%', ';'];
+
+/// Whether a non-ASCII character's Unicode compatibility form (NFKC) holds a separator: a
+/// backend that folds Unicode (NFKC, or the "best fit" mappings built on it) would see one.
+fn is_separator_lookalike(c: char) -> bool {
+    !c.is_ascii() && std::iter::once(c).nfkc().any(|f| FOLD_TARGETS.contains(&f))
+}
+
+/// Whether a path holds `%25` before the hex of `.`, `/` or `\` (any case, also after more
+/// `25`s: `%252e`, `%252F`, `%255c`, `%25252e`), which a backend that decodes twice (or more)
+/// turns into a separator.
+fn has_double_encoded_separator(path: &[u8]) -> bool {
+    let hex = |i: usize| -> Option<u8> {
+        let h = hex_val(*path.get(i)?)?;
+        let l = hex_val(*path.get(i + 1)?)?;
+        Some(h * 16 + l)
+    };
+    for i in 0..path.len() {
+        if path[i] != b'%' || hex(i + 1) != Some(0x25) {
+            continue;
+        }
+        // What follows the decoded `%`: more `25`s keep it an escape of `%` one level down.
+        let mut j = i + 3;
+        while path.get(j..j + 2) == Some(&b"25"[..]) {
+            j += 2;
+        }
+        if matches!(hex(j), Some(b'.' | b'/' | b'\\')) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Normalise a request path (without the query):
 /// - percent-decode unreserved characters, upper-case the hex of what stays encoded;
 /// - refuse encoded `/` and `\`, NUL and control characters (raw or encoded), a raw `\`,
 ///   malformed escapes, and escapes that do not decode to valid UTF-8;
+/// - refuse separators in disguise: `%25` before the hex of `.`, `/` or `\` (double encoding),
+///   and characters, raw or encoded, whose NFKC form holds `/`, `\`, `.`, `%` or `;`
+///   (full-width solidus U+FF0F, one-dot leader U+2024, ...);
 /// - merge duplicate slashes and resolve `.` and `..` segments (including encoded ones);
 ///   a `..` that would climb above the root is refused.
 ///
@@ -117,6 +176,13 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     }
     check_utf8_run(&mut decoded_run)?;
     let path = String::from_utf8(out).map_err(|_| PathError::InvalidUtf8)?;
+    if path.chars().any(is_separator_lookalike) {
+        return Err(PathError::SeparatorLookalike);
+    }
+    // On the decoded form: `%25%32%65` has become `%252e` by now.
+    if has_double_encoded_separator(path.as_bytes()) {
+        return Err(PathError::DoubleEncodedSeparator);
+    }
 
     // Pass 2: segments. Empty segments (duplicate slashes) and "." vanish; ".." pops.
     let trailing_slash =
@@ -151,17 +217,47 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     Ok(normalized)
 }
 
+/// A run of percent-decoded bytes >= 0x80 must be valid UTF-8 and hold no separator in
+/// disguise.
 fn check_utf8_run(run: &mut Vec<u8>) -> Result<(), PathError> {
     if run.is_empty() {
         return Ok(());
     }
-    let ok = std::str::from_utf8(run).is_ok();
+    let result = match std::str::from_utf8(run) {
+        Ok(s) if s.chars().any(is_separator_lookalike) => Err(PathError::SeparatorLookalike),
+        Ok(_) => Ok(()),
+        Err(_) => Err(PathError::InvalidUtf8),
+    };
     run.clear();
-    if ok {
-        Ok(())
-    } else {
-        Err(PathError::InvalidUtf8)
+    result
+}
+
+/// The further checks of a normalised path on a FHIR route: FHIR resource types, ids and
+/// operation names are ASCII and take no path parameters, so any non-ASCII character (raw or
+/// percent-encoded) and any `;` (raw or `%3B`) is refused.
+pub fn check_fhir_path(normalized: &str) -> Result<(), PathError> {
+    let b = normalized.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let (v, len) = match b[i] {
+            b'%' => match (
+                b.get(i + 1).copied().and_then(hex_val),
+                b.get(i + 2).copied().and_then(hex_val),
+            ) {
+                (Some(h), Some(l)) => (h * 16 + l, 3),
+                _ => return Err(PathError::BadPercentEncoding),
+            },
+            c => (c, 1),
+        };
+        if v >= 0x80 {
+            return Err(PathError::NonAscii);
+        }
+        if v == b';' {
+            return Err(PathError::PathParameter);
+        }
+        i += len;
     }
+    Ok(())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded. `transfer-encoding` and
@@ -384,8 +480,122 @@ mod tests {
     }
 
     #[test]
+    fn refuses_double_encoded_separators() {
+        for raw in [
+            "/%252e%252e/internal",
+            "/portal/%252E%252E/internal",
+            "/portal/..%252F..%252Finternal",
+            "/portal/..%252f",
+            "/portal/..%255c..%255Cinternal",
+            "/portal/%255C",
+            // Triple encoding, and a `%25` whose hex digits were themselves escaped.
+            "/portal/%25252e%25252e/x",
+            "/portal/%25%32%65%25%32%65/x",
+            "/portal/%25%32%46",
+            // Lower-case `%25` hex is the same escape.
+            "/portal/%252e",
+        ] {
+            assert_eq!(
+                normalize_path(raw),
+                Err(PathError::DoubleEncodedSeparator),
+                "{raw}"
+            );
+        }
+        // A plain `%25` before something harmless stays, encoded.
+        for (raw, want) in [
+            ("/api/100%2525", "/api/100%2525"),
+            ("/api/%2541", "/api/%2541"),
+            ("/api/%25", "/api/%25"),
+            ("/api/a%25b", "/api/a%25b"),
+            ("/api/%252", "/api/%252"),
+            ("/api/%2520x", "/api/%2520x"),
+            ("/api/%25%2e", "/api/%25."),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses_unicode_separator_lookalikes() {
+        for raw in [
+            // Full-width solidus U+FF0F, raw and encoded.
+            "/portal/..%ef%bc%8f..%EF%BC%8Finternal",
+            "/portal/..\u{ff0f}internal",
+            // Full-width reverse solidus U+FF3C, full stop U+FF0E.
+            "/portal/..%EF%BC%BCinternal",
+            "/portal/\u{ff0e}\u{ff0e}/internal",
+            // One-dot leader U+2024, two-dot leader U+2025, small full stop U+FE52.
+            "/portal/\u{2024}\u{2024}/internal",
+            "/portal/%E2%80%A5/internal",
+            "/portal/\u{fe52}",
+            // Small reverse solidus U+FE68; full-width percent U+FF05 and semicolon U+FF1B.
+            "/portal/\u{fe68}",
+            "/portal/\u{ff05}2e\u{ff05}2e/x",
+            "/portal/..\u{ff1b}/internal",
+            // Behind an ordinary non-ASCII letter in the same escaped run.
+            "/portal/caf%C3%A9%EF%BC%8F",
+        ] {
+            assert_eq!(
+                normalize_path(raw),
+                Err(PathError::SeparatorLookalike),
+                "{raw}"
+            );
+        }
+        // Letters that NFKC maps to letters, and other non-ASCII text, pass.
+        for (raw, want) in [
+            ("/portal/caf%C3%A9", "/portal/caf%C3%A9"),
+            ("/portal/café", "/portal/café"),
+            ("/portal/\u{fb01}le", "/portal/\u{fb01}le"),
+            ("/portal/%E6%97%A5%E6%9C%AC", "/portal/%E6%97%A5%E6%9C%AC"),
+            ("/portal/\u{3002}", "/portal/\u{3002}"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn fhir_paths_are_ascii_without_parameters() {
+        for ok in [
+            "/fhir/Patient/123",
+            "/fhir/Patient/a%20b",
+            "/fhir/Patient/$everything",
+            "/fhir/Observation/_search",
+            "/",
+        ] {
+            assert_eq!(check_fhir_path(ok), Ok(()), "{ok}");
+        }
+        for (path, want) in [
+            ("/fhir/Patient/caf%C3%A9", PathError::NonAscii),
+            ("/fhir/Patient/caf%c3%a9", PathError::NonAscii),
+            ("/fhir/Patient/café", PathError::NonAscii),
+            ("/fhir/Patient/%80", PathError::NonAscii),
+            ("/fhir/Patient;jsessionid=1", PathError::PathParameter),
+            ("/fhir/Patient/1%3Bx", PathError::PathParameter),
+            ("/fhir/Patient/1%3bx", PathError::PathParameter),
+            ("/fhir/Patient/%4", PathError::BadPercentEncoding),
+        ] {
+            assert_eq!(check_fhir_path(path), Err(want), "{path}");
+        }
+        // The whole gate of a FHIR route: normalisation, then the FHIR checks.
+        let fhir = |raw: &str| normalize_path(raw).and_then(|p| check_fhir_path(&p));
+        assert_eq!(fhir("/fhir/Patient/%C3%A9"), Err(PathError::NonAscii));
+        assert_eq!(
+            fhir("/fhir/Patient/..%ef%bc%8f"),
+            Err(PathError::SeparatorLookalike)
+        );
+        assert_eq!(fhir("/fhir/%50atient/1"), Ok(()));
+    }
+
+    #[test]
     fn normalising_twice_changes_nothing() {
-        for raw in ["/a//b/./c/../d/", "/x/%41%2e%2E/y", "/fhir/a%20b%3b"] {
+        for raw in [
+            "/a//b/./c/../d/",
+            "/x/%41%2e%2E/y",
+            "/fhir/a%20b%3b",
+            "/api/100%2525",
+            "/portal/caf%c3%a9",
+            "/portal/café",
+        ] {
             let once = normalize_path(raw).unwrap();
             assert_eq!(normalize_path(&once).unwrap(), once);
         }

@@ -24,9 +24,31 @@ fn check(path: &std::path::Path) -> (bool, String) {
     )
 }
 
+/// The files the production-shaped example names under /etc/caregate/tls, made from a test PKI
+/// (`check` reads every certificate, key and CA file, as `run` would).
+fn example_tls_dir(pki: &Pki) -> TempDir {
+    let dir = TempDir::new("example-tls");
+    for (name, from) in [
+        ("public.crt", "server.crt"),
+        ("public.key", "server.key"),
+        ("internal.crt", "server.crt"),
+        ("internal.key", "server.key"),
+        ("hospital-systems-ca.pem", "ca.crt"),
+        ("backend-ca.pem", "ca.crt"),
+        ("gateway-client.crt", "client.crt"),
+        ("gateway-client.key", "client.key"),
+    ] {
+        std::fs::copy(pki.path(from), dir.0.join(name)).unwrap();
+    }
+    dir
+}
+
 #[test]
 fn every_example_config_is_valid() {
     let conf = repo_root().join("conf");
+    let pki = Pki::new();
+    let tls = example_tls_dir(&pki);
+    let copies = TempDir::new("example-copies");
     let mut n = 0;
     let mut stack = vec![conf];
     while let Some(dir) = stack.pop() {
@@ -37,7 +59,17 @@ fn every_example_config_is_valid() {
             } else if p.extension().map(|e| e == "yaml").unwrap_or(false)
                 && std::fs::read_to_string(&p).unwrap().contains("listeners:")
             {
-                let (ok, out) = check(&p);
+                let text = std::fs::read_to_string(&p).unwrap();
+                // Absolute /etc paths point at the test PKI's files in a copy of the config.
+                let target = if text.contains("/etc/caregate/tls/") {
+                    let copy = copies.0.join(p.file_name().unwrap());
+                    let tls_dir = format!("{}/", tls.0.display());
+                    std::fs::write(&copy, text.replace("/etc/caregate/tls/", &tls_dir)).unwrap();
+                    copy
+                } else {
+                    p.clone()
+                };
+                let (ok, out) = check(&target);
                 assert!(ok, "{}: {out}", p.display());
                 n += 1;
             }
@@ -94,4 +126,112 @@ routes:
         out.contains("environment variable CAREGATE_TEST_UNSET_VAR is not set"),
         "{out}"
     );
+}
+
+/// `check` refuses what `run` would fail on, naming the place: certificate, key, CA and key-set
+/// files that are missing, unreadable or wrong, a key that is not the certificate's, overlapping
+/// binds, and a chain whose confining filter runs before `jwt_auth`.
+#[test]
+fn check_refuses_what_would_fail_at_start() {
+    let pki = Pki::new();
+    let dir = TempDir::new("check-files");
+    let jwks = dir.0.join("jwks.json");
+    std::fs::copy(repo_root().join("filters/tests/keys/jwks-all.json"), &jwks).unwrap();
+    let empty_jwks = dir.0.join("empty-jwks.json");
+    std::fs::write(&empty_jwks, r#"{"keys":[]}"#).unwrap();
+    let base = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:19901" }}
+listeners:
+  - name: public
+    channel: public
+    listen: "127.0.0.1:18443"
+    tls: {{ cert: "{cert}", key: "{key}", client_ca: "{ca}" }}
+auth:
+  issuers:
+    - {{ name: files, issuer: "https://files.test", jwks_file: "{jwks}", algorithms: [RS256], audiences: [x] }}
+pools:
+  - name: app
+    zones: [ {{ name: a, backends: [ {{ address: "127.0.0.1:9" }} ] }} ]
+    tls: {{ sni: backend.test, ca_file: "{ca}", client_cert: "{client_cert}", client_key: "{client_key}" }}
+routes:
+  - name: fhir
+    listener: public
+    path_prefix: /fhir
+    fhir: true
+    pool: app
+    filters: [ {{ kind: jwt_auth }}, {{ kind: smart_scopes }}, {{ kind: patient_compartment }} ]
+"#,
+        cert = pki.path("server.crt"),
+        key = pki.path("server.key"),
+        ca = pki.path("ca.crt"),
+        client_cert = pki.path("client.crt"),
+        client_key = pki.path("client.key"),
+        jwks = jwks.display(),
+    );
+    let p = dir.0.join("c.yaml");
+    std::fs::write(&p, &base).unwrap();
+    let (ok, out) = check(&p);
+    assert!(ok, "the valid config: {out}");
+
+    let missing = dir.0.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let a_directory = dir.0.to_str().unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            base.replace(&pki.path("server.crt"), missing),
+            "listeners[0].tls.cert: cannot read",
+        ),
+        (
+            // A path that cannot be read as a file (the tests run as root, so mode bits
+            // would not stop them).
+            base.replace(&pki.path("server.key"), a_directory),
+            "listeners[0].tls.key: cannot read",
+        ),
+        (
+            base.replace(&pki.path("server.key"), &pki.path("client.key")),
+            "listeners[0].tls: the key",
+        ),
+        (
+            base.replacen(&pki.path("ca.crt"), missing, 1),
+            "listeners[0].tls.client_ca: cannot read",
+        ),
+        (
+            base.replacen(&pki.path("ca.crt"), &pki.path("server.key"), 1),
+            "listeners[0].tls.client_ca:",
+        ),
+        (
+            base.replace(&pki.path("client.key"), &pki.path("server.key")),
+            "pools[0] (app).tls: the key",
+        ),
+        (
+            base.replace(jwks.to_str().unwrap(), missing),
+            "auth.issuers[0].jwks_file: cannot read",
+        ),
+        (
+            base.replace(jwks.to_str().unwrap(), empty_jwks.to_str().unwrap()),
+            "no usable signing key",
+        ),
+        (
+            base.replace(
+                "listeners:\n",
+                "listeners:\n  - { name: internal, channel: internal, listen: \"0.0.0.0:18443\" }\n",
+            ),
+            "overlaps 0.0.0.0:18443",
+        ),
+        (
+            base.replace(
+                "[ { kind: jwt_auth }, { kind: smart_scopes }, { kind: patient_compartment } ]",
+                "[ { kind: patient_compartment }, { kind: jwt_auth }, { kind: smart_scopes } ]",
+            ),
+            "routes[0] (fhir): `patient_compartment` (routes[0].filters[0]) runs before `jwt_auth` (routes[0].filters[1])",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_ne!(text, base, "the case changed nothing: {want}");
+        std::fs::write(&p, &text).unwrap();
+        let (ok, out) = check(&p);
+        assert!(!ok, "accepted, expected `{want}`");
+        assert!(out.contains(want), "expected `{want}` in: {out}");
+    }
 }

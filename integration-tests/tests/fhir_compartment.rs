@@ -129,15 +129,7 @@ routes:
     )
     .unwrap()
     .json();
-    let next = page1["link"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["relation"] == "next")
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let next = next_link(&page1).expect("a next link");
     assert!(next.starts_with(&public_base), "{next}");
     let page2 = call(
         "GET",

@@ -392,3 +392,67 @@ routes:
     );
     let _ = Duration::from_secs(0);
 }
+
+/// An issuer whose key set cannot be loaded at start leaves the gateway not ready (its tokens
+/// could not be verified), with the reason on `/readyz`; once the provider answers, it is.
+#[test]
+fn an_issuer_without_a_usable_key_set_is_not_ready() {
+    node_available();
+    let dir = TempDir::new("oidc-late");
+    let keys = dir.0.join("keys.json");
+    let keys = keys.to_str().unwrap().to_string();
+    gen_keys(&["--out", &keys]);
+    let idp_port = free_port();
+    let backend = EchoServer::start("fhir");
+    let (public, admin) = (free_port(), free_port());
+    let cfg = dir.0.join("caregate.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+auth:
+  issuers:
+    - {{ name: late-idp, issuer: "http://127.0.0.1:{idp_port}", discovery: true, algorithms: [RS256], audiences: [x], refresh_seconds: 1 }}
+pools: [ {{ name: fhir, zones: [ {{ name: a, backends: [ {{ address: "{b}" }} ] }} ] }} ]
+routes:
+  - {{ name: fhir, listener: public, path_prefix: /fhir, pool: fhir, filters: [ {{ kind: jwt_auth }} ] }}
+"#,
+            b = backend.addr
+        ),
+    )
+    .unwrap();
+    // The provider is down when the gateway starts.
+    let gw = Proc::spawn(&["run", "-c", cfg.to_str().unwrap()], "late-idp");
+    let mut last = String::new();
+    wait_until(
+        "a not-ready answer naming the issuer",
+        Duration::from_secs(30),
+        || match try_request(addr(admin), "GET", "/readyz", &[], b"") {
+            Ok(r) => {
+                last = format!("{} {}", r.status, r.text());
+                r.status == 503
+                    && r.text()
+                        .contains("no usable key set for issuer(s) late-idp")
+            }
+            Err(_) => false,
+        },
+    );
+    assert!(!last.contains(&idp_port.to_string()), "{last}");
+    // The upstream is healthy: only the missing key set holds readiness back.
+    let m = request(addr(admin), "GET", "/metrics", &[], b"").text();
+    assert!(m.contains("caregate_upstream_backend_healthy{"), "{m}");
+    let _idp = start_provider(idp_port, &keys);
+    wait_until(
+        "ready once the key set loads",
+        Duration::from_secs(30),
+        || {
+            try_request(addr(admin), "GET", "/readyz", &[], b"")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        },
+    );
+    drop(gw);
+}

@@ -44,7 +44,13 @@ fn mac_matches(key: &[u8], prev: &str, body: &[u8], expected: &[u8]) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LineKind {
     Record,
-    Checkpoint { records: u64, time: String },
+    /// `handover`: the checkpoint a process wrote when it handed the file over to its
+    /// successor (`"handover":true`); a later file may continue the chain from it.
+    Checkpoint {
+        records: u64,
+        time: String,
+        handover: bool,
+    },
 }
 
 /// Builds one line (with its trailing newline) and returns it with its MAC (hex).
@@ -77,9 +83,14 @@ pub fn build_line(
     (body, mac)
 }
 
-/// The payload of a checkpoint line.
-pub(crate) fn checkpoint_payload(records: u64, time: &str) -> Vec<u8> {
-    let v = serde_json::json!({ "records": records, "time": time });
+/// The payload of a checkpoint line: `{"records":N,"time":"..."}`, with `,"handover":true`
+/// appended for a hand-over checkpoint.
+pub(crate) fn checkpoint_payload(records: u64, time: &str, handover: bool) -> Vec<u8> {
+    let v = if handover {
+        serde_json::json!({ "records": records, "time": time, "handover": true })
+    } else {
+        serde_json::json!({ "records": records, "time": time })
+    };
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
@@ -160,12 +171,21 @@ pub(crate) fn parse_line(key: &[u8], line: &[u8]) -> Result<ParsedLine, LineErro
         let cp = map.get("checkpoint");
         let records = cp.and_then(|c| c.get("records")).and_then(Value::as_u64);
         let time = cp.and_then(|c| c.get("time")).and_then(Value::as_str);
-        match (records, time) {
-            (Some(records), Some(time)) => LineKind::Checkpoint {
+        let handover = match cp.and_then(|c| c.get("handover")) {
+            None => Some(false),
+            Some(h) => h.as_bool(),
+        };
+        match (records, time, handover) {
+            (Some(records), Some(time), Some(handover)) => LineKind::Checkpoint {
                 records,
                 time: time.to_string(),
+                handover,
             },
-            _ => return malformed("checkpoint must be {\"records\": N, \"time\": \"...\"}"),
+            _ => {
+                return malformed(
+                    "checkpoint must be {\"records\": N, \"time\": \"...\"} with an optional \"handover\": true",
+                )
+            }
         }
     } else {
         if !map.get("record").is_some_and(Value::is_object) {

@@ -19,6 +19,18 @@ pub struct AuditRecord {
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Upstream>,
+    /// For a config reload (`phase: admin`): the config hashes involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigChange>,
+}
+
+/// The configurations a reload involved (hex SHA-256 of the config text).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    /// The config running after the reload (the new one if it was applied, else the old one).
+    pub running: String,
+    /// The config the reload tried to apply ("" when the file could not be read).
+    pub attempted: String,
 }
 
 /// Which record of a request this is.
@@ -32,6 +44,8 @@ pub enum Phase {
     Completion,
     /// A refused request (no PHI released); recorded once, in the logging phase.
     Denied,
+    /// An administrative action on the gateway itself (a config reload, applied or refused).
+    Admin,
 }
 
 impl Phase {
@@ -40,6 +54,7 @@ impl Phase {
             Phase::Access => "access",
             Phase::Completion => "completion",
             Phase::Denied => "denied",
+            Phase::Admin => "admin",
         }
     }
 }

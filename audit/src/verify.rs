@@ -1,4 +1,5 @@
-//! Offline verification of one audit file (`caregate audit verify FILE`).
+//! Offline verification of audit files (`caregate audit verify PATH`): one file ([`verify`]),
+//! and the segments of a trail and their links ([`verify_files`] over [`chain_files`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -29,6 +30,20 @@ pub struct VerifyReport {
     pub last_mac: String,
     /// The last checkpoint line: (seq, records in the chain up to it).
     pub last_checkpoint: Option<(u64, u64)>,
+    /// The record count of the first line when it is a checkpoint (a continuation's opening
+    /// checkpoint): the count at the point of the predecessor it continues.
+    pub opening_records: Option<u64>,
+    /// Records in the chain up to the last line, when known (from a checkpoint, or counted
+    /// from the genesis).
+    pub records_at_end: Option<u64>,
+    /// The hand-over checkpoints of this file (`"handover":true`), in file order. A later file
+    /// may continue the chain from one of them; the lines after it are the late records of the
+    /// process that handed over.
+    pub handovers: Vec<HandOverPoint>,
+    /// Set by [`verify_files`]: the line of an earlier file that this file's first line
+    /// continues (checked: seq, `prev` and record count). `None` for the first file of the
+    /// list, an empty file, and from [`verify`].
+    pub link: Option<SegmentLink>,
     /// Records after the last checkpoint (all records when there is none). Normal for a
     /// running gateway; they are not protected against a cut-off tail.
     pub unsealed_records: u64,
@@ -36,6 +51,32 @@ pub struct VerifyReport {
     pub anchor: AnchorCheck,
     /// Human-readable notes (continuation, unsealed tail, anchor state). Not failures.
     pub warnings: Vec<String>,
+}
+
+/// A hand-over checkpoint in a file: where the process that wrote the file handed the trail
+/// over to the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOverPoint {
+    /// The checkpoint's sequence number and 1-based line.
+    pub seq: u64,
+    pub line: u64,
+    /// Its MAC: the `prev` of the successor's first line.
+    pub mac: String,
+    /// Records in the chain up to it.
+    pub records: u64,
+    /// Records after it in this file: the late records of the process that handed over.
+    pub late_records: u64,
+}
+
+/// How a file continues an earlier one (see [`VerifyReport::link`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentLink {
+    /// The earlier file.
+    pub file: PathBuf,
+    /// The seq of the line continued: the earlier file's last line, or a hand-over checkpoint.
+    pub seq: u64,
+    /// Whether that line is a hand-over checkpoint.
+    pub handover: bool,
 }
 
 /// How [`verify`] used `<file>.anchor`.
@@ -78,6 +119,12 @@ pub enum VerifyErrorKind {
     AnchorMismatch,
     /// The anchor file itself is malformed or its `anchor_mac` does not match.
     AnchorInvalid,
+    /// A file's first line continues a line of the previous file that is neither its last
+    /// line nor a hand-over checkpoint.
+    BadLink,
+    /// Two files continue the same line (the same hand-over checkpoint): a copied or
+    /// forged segment.
+    Forked,
 }
 
 /// Why a file failed verification, and where.
@@ -139,6 +186,10 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
         first_prev: String::new(),
         last_mac: String::new(),
         last_checkpoint: None,
+        opening_records: None,
+        records_at_end: None,
+        handovers: Vec::new(),
+        link: None,
         unsealed_records: 0,
         anchor: AnchorCheck::Missing,
         warnings: Vec::new(),
@@ -232,6 +283,9 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
                 } else {
                     chain_records = Some(0);
                 }
+                if let LineKind::Checkpoint { records, .. } = &parsed.kind {
+                    report.opening_records = Some(*records);
+                }
                 report.first_seq = Some(parsed.seq);
                 report.first_prev.clone_from(&parsed.prev);
             }
@@ -276,7 +330,9 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
                 report.records += 1;
                 report.unsealed_records += 1;
             }
-            LineKind::Checkpoint { records, .. } => {
+            LineKind::Checkpoint {
+                records, handover, ..
+            } => {
                 if let Some(base) = chain_records {
                     if base + report.unsealed_records != *records {
                         return Err(err(
@@ -295,6 +351,16 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
                 report.unsealed_records = 0;
                 report.last_checkpoint = Some((parsed.seq, *records));
                 checkpoints.push((parsed.seq, parsed.mac.clone()));
+                if *handover {
+                    report.handovers.push(HandOverPoint {
+                        seq: parsed.seq,
+                        line: line_no,
+                        mac: parsed.mac.clone(),
+                        records: *records,
+                        // For now the records before it; made the records after it below.
+                        late_records: report.records,
+                    });
+                }
             }
         }
         report.lines = line_no;
@@ -302,6 +368,10 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
         prev_mac = parsed.mac;
     }
     report.last_mac.clone_from(&prev_mac);
+    report.records_at_end = chain_records.map(|r| r + report.unsealed_records);
+    for h in &mut report.handovers {
+        h.late_records = report.records - h.late_records;
+    }
 
     if report.unsealed_records > 0 {
         report.warnings.push(format!(
@@ -421,45 +491,335 @@ pub fn chain_files(path: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Verifies consecutive files of one chain, oldest first (for example [`chain_files`]): each
-/// with [`verify`], and each link: a file's first line must continue the previous file's last
-/// line (`seq` + 1, `prev` = its `mac`). Empty files are passed over. Retention may have
-/// deleted the oldest files, so the first file may be a continuation (reported, not failed).
+/// The audit trails found in a directory by [`find_trails`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FoundTrails {
+    /// Each trail as the path of its active file (which may be missing when only rotated
+    /// files are left); verify it with `verify_files(&chain_files(path), key)`. Sorted.
+    pub trails: Vec<PathBuf>,
+    /// Files that look like no audit file (neither starting with `{"seq":`, nor anchored, nor
+    /// with rotated siblings): not verified.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Finds the audit trails in directory `dir`: every file except anchors (`*.anchor`),
+/// temporary files (`*.tmp`), hidden files and empty files without an anchor; a rotated file
+/// `<name>.<n>` counts for the trail `<name>`; a file with no anchor and no rotated siblings
+/// whose first bytes are not an audit line is listed as skipped.
+pub fn find_trails(dir: &Path) -> std::io::Result<FoundTrails> {
+    let mut names: Vec<String> = Vec::new();
+    let mut files: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if name.starts_with('.') || name.ends_with(".anchor") || name.ends_with(".tmp") {
+            continue;
+        }
+        match name.rsplit_once('.') {
+            Some((base, n))
+                if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                names.push(base.to_string());
+            }
+            _ => files.push(name),
+        }
+    }
+    let mut found = FoundTrails::default();
+    for name in files {
+        let path = dir.join(&name);
+        if names.contains(&name) || chain::anchor_path(&path).exists() {
+            names.push(name);
+            continue;
+        }
+        let mut head = [0u8; 7];
+        let n = File::open(&path)
+            .and_then(|f| std::io::Read::read(&mut &f, &mut head))
+            .unwrap_or(0);
+        if n == 0 {
+            continue; // empty and unanchored: nothing to verify
+        }
+        if n == head.len() && head == *b"{\"seq\":" {
+            names.push(name);
+        } else {
+            found.skipped.push(path);
+        }
+    }
+    names.sort();
+    names.dedup();
+    found.trails = names.into_iter().map(|n| dir.join(n)).collect();
+    found.skipped.sort();
+    Ok(found)
+}
+
+/// Verifies the segments of one trail, oldest first (for example [`chain_files`]): each file
+/// with [`verify`], and each link. A file's first line must continue the previous (non-empty)
+/// file: its last line (rotation), or one of its hand-over checkpoints (a hand-over between
+/// processes: the predecessor's lines after that checkpoint are the old process's late
+/// records, verified as part of that file's own chain) — `seq` + 1, `prev` = that line's
+/// `mac`, and the opening checkpoint's record count equal to the count at that line. The link
+/// is recorded in [`VerifyReport::link`]. Retention may have deleted the oldest files, so the
+/// first file may be a continuation (reported, not failed). Empty files are passed over.
+///
+/// Record counts: after a hand-over both chains count on from the hand-over checkpoint's count
+/// (the successor's opening checkpoint repeats it), so a checkpoint counts the records on its
+/// own path from the genesis, and the late records of the old process count in its file only.
+///
+/// Fails, naming the file whose first line does not fit (line 1) and what is wrong:
+/// - a missing segment: the first line continues a line no file before it holds
+///   ([`VerifyErrorKind::SeqGap`]) or the link does not match ([`VerifyErrorKind::PrevMismatch`]);
+/// - reordered segments (files renamed): the first line continues an earlier file than the
+///   previous one, or a later file, or starts before the previous file
+///   ([`VerifyErrorKind::Reordered`]);
+/// - a second successor of the same line, e.g. a copied segment ([`VerifyErrorKind::Forked`]);
+/// - a link into the middle of the previous file at a line that is not a hand-over checkpoint
+///   ([`VerifyErrorKind::BadLink`]);
+/// - a record count that does not carry over ([`VerifyErrorKind::CheckpointMismatch`]);
+///
+/// and on whatever [`verify`] finds in a file (a cut segment: its anchor names a checkpoint
+/// beyond its end). Warnings (not failures): an unsealed tail (for a predecessor's late
+/// records: the old process ended without sealing, e.g. killed), and a hand-over checkpoint
+/// no later file continues (the hand-over did not finish, or the continuation is missing).
 pub fn verify_files(paths: &[PathBuf], hmac_key: &[u8]) -> Result<Vec<VerifyReport>, VerifyError> {
     let mut reports: Vec<VerifyReport> = Vec::with_capacity(paths.len());
-    let mut last: Option<(u64, String, PathBuf)> = None;
-    for path in paths {
-        let report = verify(path, hmac_key)?;
-        if let (Some(first), Some((last_seq, last_mac, last_file))) = (report.first_seq, &last) {
-            if first != last_seq + 1 {
-                return Err(VerifyError {
-                    file: path.clone(),
-                    line: Some(1),
-                    seq: Some(first),
-                    kind: VerifyErrorKind::SeqGap,
-                    detail: format!(
-                        "the file starts at seq {first} but {} ends at seq {last_seq}: lines or files are missing",
-                        last_file.display()
-                    ),
-                });
+    // Lines continued by a later file: (file index, seq, successor index).
+    let mut taken: Vec<(usize, u64, usize)> = Vec::new();
+    let mut prev_idx: Option<usize> = None;
+    for (i, path) in paths.iter().enumerate() {
+        let mut report = verify(path, hmac_key)?;
+        if let (Some(first), Some(p)) = (report.first_seq, prev_idx) {
+            let Some(point) = link_point(&reports[p], first, &report.first_prev) else {
+                return Err(diagnose_link(
+                    paths, &reports, &taken, p, i, &report, hmac_key,
+                ));
+            };
+            if let (Some(at), Some(opening)) = (point.records, report.opening_records) {
+                if at != opening {
+                    return Err(VerifyError {
+                        file: path.clone(),
+                        line: Some(1),
+                        seq: Some(first),
+                        kind: VerifyErrorKind::CheckpointMismatch,
+                        detail: format!(
+                            "the opening checkpoint says {opening} records, {} holds {at} at seq {}",
+                            paths[p].display(),
+                            point.seq
+                        ),
+                    });
+                }
             }
-            if report.first_prev != *last_mac {
-                return Err(VerifyError {
-                    file: path.clone(),
-                    line: Some(1),
-                    seq: Some(first),
-                    kind: VerifyErrorKind::PrevMismatch,
-                    detail: format!(
-                        "prev does not match the last mac of {}: the files do not link",
-                        last_file.display()
-                    ),
-                });
-            }
+            taken.push((p, point.seq, i));
+            report.link = Some(SegmentLink {
+                file: paths[p].clone(),
+                seq: point.seq,
+                handover: point.handover,
+            });
+            // The link is verified now.
+            report.warnings.retain(|w| !w.starts_with("continuation:"));
         }
-        if let Some(last_seq) = report.last_seq {
-            last = Some((last_seq, report.last_mac.clone(), path.clone()));
+        if report.first_seq.is_some() {
+            prev_idx = Some(i);
         }
         reports.push(report);
     }
+    for (i, report) in reports.iter_mut().enumerate() {
+        let mut notes = Vec::new();
+        for h in &report.handovers {
+            match taken.iter().find(|(f, s, _)| *f == i && *s == h.seq) {
+                Some(_) => {
+                    let after_h = report.last_checkpoint.is_some_and(|(s, _)| s >= h.seq);
+                    if report.unsealed_records > 0 && after_h {
+                        notes.push(format!(
+                            "{} of the {} late records after the hand-over at seq {} have no final checkpoint: \
+                             the process that handed over ended without sealing this file (killed?)",
+                            report.unsealed_records, h.late_records, h.seq
+                        ));
+                    }
+                }
+                None => notes.push(format!(
+                    "no later file continues the hand-over checkpoint seq {} (line {}): the hand-over did not \
+                     finish, or the file that continues it is missing",
+                    h.seq, h.line
+                )),
+            }
+        }
+        report.warnings.extend(notes);
+    }
     Ok(reports)
+}
+
+/// A line of a file that a successor may continue.
+struct LinkPoint {
+    seq: u64,
+    /// Records in the chain up to it, when known.
+    records: Option<u64>,
+    handover: bool,
+}
+
+/// The line of `pred` that a first line (`first`, `prev`) continues: a hand-over checkpoint or
+/// the last line.
+fn link_point(pred: &VerifyReport, first: u64, prev: &str) -> Option<LinkPoint> {
+    if let Some(h) = pred
+        .handovers
+        .iter()
+        .find(|h| h.seq + 1 == first && h.mac == prev)
+    {
+        return Some(LinkPoint {
+            seq: h.seq,
+            records: Some(h.records),
+            handover: true,
+        });
+    }
+    match pred.last_seq {
+        Some(last) if last + 1 == first && pred.last_mac == prev => Some(LinkPoint {
+            seq: last,
+            records: pred.records_at_end,
+            handover: false,
+        }),
+        _ => None,
+    }
+}
+
+/// Why file `i` does not continue file `p` (the previous non-empty one): names the file and
+/// the kind of damage as precisely as the files allow.
+fn diagnose_link(
+    paths: &[PathBuf],
+    reports: &[VerifyReport],
+    taken: &[(usize, u64, usize)],
+    p: usize,
+    i: usize,
+    report: &VerifyReport,
+    hmac_key: &[u8],
+) -> VerifyError {
+    let first = report.first_seq.unwrap_or(0);
+    let prev = report.first_prev.as_str();
+    let err = |kind, detail: String| VerifyError {
+        file: paths[i].clone(),
+        line: Some(1),
+        seq: Some(first),
+        kind,
+        detail,
+    };
+    let pred = &reports[p];
+    let pred_name = paths[p].display();
+    let what = |lp: &LinkPoint| {
+        if lp.handover {
+            format!("its hand-over checkpoint seq {}", lp.seq)
+        } else {
+            format!("its last line (seq {})", lp.seq)
+        }
+    };
+    // It continues a file before the previous one.
+    for k in (0..p).rev() {
+        if let Some(lp) = link_point(&reports[k], first, prev) {
+            if let Some((_, _, succ)) = taken.iter().find(|(f, s, _)| *f == k && *s == lp.seq) {
+                return err(
+                    VerifyErrorKind::Forked,
+                    format!(
+                        "the file continues {} after {}, which {} continues already: two files continue the same point (a copied or forged segment)",
+                        paths[k].display(),
+                        what(&lp),
+                        paths[*succ].display()
+                    ),
+                );
+            }
+            return err(
+                VerifyErrorKind::Reordered,
+                format!(
+                    "the file continues {} after {}, not {pred_name} just before it: the files are out of order (renamed?)",
+                    paths[k].display(),
+                    what(&lp)
+                ),
+            );
+        }
+    }
+    // It continues a file after it.
+    for (k, later) in paths.iter().enumerate().skip(i + 1) {
+        if let Ok(r) = verify(later, hmac_key) {
+            if let Some(lp) = link_point(&r, first, prev) {
+                return err(
+                    VerifyErrorKind::Reordered,
+                    format!(
+                        "the file continues {} after {}, a file listed after it (number {} of {}): the files are out of order (renamed?)",
+                        later.display(),
+                        what(&lp),
+                        k + 1,
+                        paths.len()
+                    ),
+                );
+            }
+        }
+    }
+    let (Some(pf), Some(pl)) = (pred.first_seq, pred.last_seq) else {
+        return err(
+            VerifyErrorKind::SeqGap,
+            format!("the file does not continue {pred_name}"),
+        );
+    };
+    if first == pl + 1 {
+        return err(
+            VerifyErrorKind::PrevMismatch,
+            format!(
+                "prev does not match the last mac of {pred_name} (seq {pl}): the files do not link (a segment between them is missing, or one was replaced)"
+            ),
+        );
+    }
+    if first <= pf {
+        return err(
+            VerifyErrorKind::Reordered,
+            format!(
+                "the file starts at seq {first}, not after {pred_name} (seq {pf}..{pl}): the files are out of order or duplicated"
+            ),
+        );
+    }
+    if first <= pl {
+        if let Some(kind) = line_with_mac(&paths[p], hmac_key, first - 1, prev) {
+            return err(
+                VerifyErrorKind::BadLink,
+                format!(
+                    "the file continues {pred_name} at seq {} (a {kind}), which is neither its last line (seq {pl}) nor a hand-over checkpoint",
+                    first - 1
+                ),
+            );
+        }
+    }
+    let holds = if pred.handovers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", hand-over checkpoints at seq {}",
+            pred.handovers
+                .iter()
+                .map(|h| h.seq.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    err(
+        VerifyErrorKind::SeqGap,
+        format!(
+            "the file starts at seq {first} but {pred_name} ends at seq {pl}{holds}, and no file holds the line it continues: lines or files are missing"
+        ),
+    )
+}
+
+/// Whether the line `seq` of `path` has MAC `mac`; what it is if so. For error messages.
+fn line_with_mac(path: &Path, hmac_key: &[u8], seq: u64, mac: &str) -> Option<&'static str> {
+    let file = File::open(path).ok()?;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.ok()?;
+        if let Ok(p) = chain::parse_line(hmac_key, &line) {
+            if p.seq == seq {
+                return (p.mac == mac).then_some(match p.kind {
+                    LineKind::Record => "record",
+                    LineKind::Checkpoint { .. } => "checkpoint",
+                });
+            }
+        }
+    }
+    None
 }

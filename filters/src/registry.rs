@@ -12,6 +12,7 @@ use std::sync::Arc;
 type Builder = fn(serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Filter>, BuildError>;
 
 /// Maps a config `kind` to the function that builds it.
+#[derive(Clone)]
 pub struct FilterRegistry {
     builders: BTreeMap<&'static str, Builder>,
 }

@@ -10,6 +10,7 @@ use prometheus::{register_int_counter, IntCounter};
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
 #[allow(clippy::expect_used)]
@@ -54,6 +55,8 @@ fn d_queue() -> usize {
 #[derive(Clone)]
 pub struct AccessLog {
     tx: SyncSender<String>,
+    /// Lines queued and lines written (and flushed), for [`AccessLog::flush`].
+    progress: std::sync::Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl AccessLog {
@@ -80,28 +83,49 @@ impl AccessLog {
             None => Box::new(std::io::BufWriter::new(std::io::stdout())),
         };
         let (tx, rx) = sync_channel::<String>(cfg.queue_capacity.max(1));
+        let progress = std::sync::Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let written = progress.clone();
         std::thread::Builder::new()
             .name("caregate-access-log".into())
             .spawn(move || {
                 while let Ok(line) = rx.recv() {
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
+                    let mut n = 1;
                     // Flush when the queue is drained, so lines appear promptly but in batches.
                     while let Ok(more) = rx.try_recv() {
                         let _ = out.write_all(more.as_bytes());
                         let _ = out.write_all(b"\n");
+                        n += 1;
                     }
                     let _ = out.flush();
+                    written.1.fetch_add(n, Ordering::Release);
                 }
             })
             .map_err(|e| format!("access log thread: {e}"))?;
-        Ok(Some(AccessLog { tx }))
+        Ok(Some(AccessLog { tx, progress }))
     }
 
     pub fn write(&self, line: String) {
         match self.tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.progress.0.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => DROPPED.inc(),
+        }
+    }
+
+    /// Wait (at most `limit`) until every line queued so far is written and flushed: before
+    /// the process exits.
+    pub fn flush(&self, limit: std::time::Duration) {
+        let target = self.progress.0.load(Ordering::Acquire);
+        let deadline = std::time::Instant::now() + limit;
+        while self.progress.1.load(Ordering::Acquire) < target {
+            if std::time::Instant::now() >= deadline {
+                log::warn!("access log: lines still queued at exit are lost");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
 }

@@ -4,7 +4,12 @@
 //! - `GET /readyz`: 200 once every pool has had its settling health-check passes, while the
 //!   audit sink (if any) writes, and while every filter can do its job (every issuer has a
 //!   usable key set); 503 with the reason otherwise.
+//!   While the process drains (after `SIGTERM` or `SIGQUIT`) it answers 503 `draining`.
 //! - `GET /metrics`: the Prometheus text of the default registry.
+//! - `POST /reload`: reload the config file (as `SIGHUP` does); 200 with the new generation
+//!   and hash, or 422 with the reason it was rejected (the running config keeps serving).
+//! - `POST /reload/rollback`: go back to the config before the running one (same checks).
+//! - `GET /config`: the running config's generation and SHA-256 (JSON); never the config.
 //! - `POST /sandbox/{name}/outage` and `POST /sandbox/{name}/restore`: switch a built-in
 //!   sandbox backend into a simulated outage and back (demo and tests).
 //!
@@ -26,10 +31,11 @@ pub struct AdminApp {
     /// Not ready while the audit sink fails: the load balancer should send PHI traffic to
     /// replicas that can audit it.
     pub audit: Option<Arc<caregate_audit::AuditSink>>,
-    pub token: Option<String>,
-    /// The filters' background tasks: not ready while one cannot do its job yet (e.g. an
-    /// issuer's key set is not loaded, so its tokens cannot be verified).
-    pub filter_tasks: Vec<Arc<dyn caregate_filters::BackgroundTask>>,
+    /// The live config generation. Its `admin.token` guards every path but the probes (it is
+    /// reloadable, so a rotated secret takes effect at the next reload); `/readyz` is not ready
+    /// while one of its filters cannot do its job yet (e.g. an issuer's key set is not loaded).
+    pub live: crate::reload::Live,
+    pub reloader: Arc<crate::reload::Reloader>,
     pub sandboxes: HashMap<String, Arc<SandboxControl>>,
 }
 
@@ -67,7 +73,14 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl AdminApp {
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.token else {
+        let generation = self.live.load();
+        let Some(token) = generation
+            .config
+            .admin
+            .token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+        else {
             return true;
         };
         let presented = session
@@ -89,14 +102,16 @@ impl ServeHttp for AdminApp {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => return plain(200, "ok\n"),
             ("GET", "/readyz") => {
-                return if !self.readiness.ready() {
+                return if crate::lifecycle::draining() {
+                    plain(503, "not ready: draining (the gateway is stopping)\n")
+                } else if !self.readiness.ready() {
                     plain(
                         503,
                         "not ready: upstream health checks have not completed\n",
                     )
                 } else if self.audit.as_ref().map(|a| !a.healthy()).unwrap_or(false) {
                     plain(503, "not ready: the audit sink is failing\n")
-                } else if let Some(why) = self.filter_tasks.iter().find_map(|t| t.not_ready()) {
+                } else if let Some(why) = self.live.load().not_ready() {
                     plain(503, &format!("not ready: {why}\n"))
                 } else {
                     plain(200, "ready\n")
@@ -119,6 +134,26 @@ impl ServeHttp for AdminApp {
                 Ok(()) => reply(200, encoder.format_type(), buf),
                 Err(_) => plain(500, "metrics encoding failed\n"),
             };
+        }
+        match (method.as_str(), path.as_str()) {
+            ("POST", "/reload") | ("POST", "/reload/rollback") => {
+                let outcome = if path == "/reload" {
+                    self.reloader.reload(crate::reload::Trigger::Admin).await
+                } else {
+                    self.reloader.rollback().await
+                };
+                return plain(
+                    if outcome.applied { 200 } else { 422 },
+                    &format!("{}\n", outcome.message),
+                );
+            }
+            ("GET", "/config") => {
+                let g = self.live.load();
+                let body = serde_json::json!({ "generation": g.number, "sha256": g.hash });
+                return reply(200, "application/json", body.to_string().into_bytes());
+            }
+            (_, "/reload") | (_, "/reload/rollback") => return plain(405, "use POST\n"),
+            _ => {}
         }
         if let Some(rest) = path.strip_prefix("/sandbox/") {
             if method != http::Method::POST {

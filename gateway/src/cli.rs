@@ -307,15 +307,29 @@ impl App {
             eprintln!("{name}: {DAEMON_REFUSED}");
             return ExitCode::from(2);
         }
-        // From here on a SIGHUP is logged, never fatal (reload is not supported yet).
+        // From here on a SIGHUP never ends the process: once the server runs, it reloads.
         if let Err(e) = crate::lifecycle::catch_sighup_early() {
             eprintln!("{name}: cannot install the SIGHUP handler: {e}");
             return ExitCode::from(1);
         }
-        let loaded = match self.load(path) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!(
+                    "{name}: invalid config: cannot read {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        };
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let loaded = match config::load_str_with(&text, base_dir, &self.registry) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("{name}: invalid config: {e}");
+                eprintln!("{name}: invalid config: {}: {e}", path.display());
                 return ExitCode::from(1);
             }
         };
@@ -332,19 +346,30 @@ impl App {
             daemon: false,
             ..Opt::default()
         };
-        let server = match build_server(loaded, opt) {
+        let source = crate::server::Source {
+            path: path.to_path_buf(),
+            text,
+            registry: self.registry.clone(),
+        };
+        let built = match build_server(loaded, opt, source) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{name}: cannot start: {e}");
                 return ExitCode::from(1);
             }
         };
+        if let Err(e) = built.finisher.write_pid_file() {
+            eprintln!("{name}: cannot start: {e}");
+            return ExitCode::from(1);
+        }
         if let Some(b) = banner {
             println!("{b}");
         }
-        server.run(RunArgs {
-            shutdown_signal: Box::new(crate::lifecycle::GatewaySignals),
+        built.server.run(RunArgs {
+            shutdown_signal: Box::new(built.signals),
         });
+        // A fast shutdown (SIGINT) ends here without the drain: still seal the audit trail.
+        built.finisher.finish();
         ExitCode::SUCCESS
     }
 
@@ -354,31 +379,91 @@ impl App {
             eprintln!("{name} audit verify: set {key_env} to the audit HMAC key");
             return ExitCode::from(2);
         };
-        match caregate_audit::verify(file, key.as_bytes()) {
-            Ok(report) => {
-                println!(
-                    "{}: ok — {} records, {} checkpoints, seq {}..{}",
-                    report.file.display(),
-                    report.records,
-                    report.checkpoints,
-                    report
-                        .first_seq
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    report
-                        .last_seq
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                );
-                for w in &report.warnings {
-                    println!("note: {w}");
+        // The trails to verify: PATH's own (the active file and its rotated and handed-over
+        // segments), or every trail in the directory PATH.
+        let trails: Vec<PathBuf> = if file.is_dir() {
+            let found = match caregate_audit::find_trails(file) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("{name} audit verify: {}: {e}", file.display());
+                    return ExitCode::from(2);
                 }
-                ExitCode::SUCCESS
+            };
+            for skipped in &found.skipped {
+                println!("note: {}: skipped: not an audit file", skipped.display());
             }
-            Err(e) => {
-                eprintln!("{name} audit verify: FAILED: {e}");
-                ExitCode::from(1)
+            if found.trails.is_empty() {
+                eprintln!(
+                    "{name} audit verify: {}: no audit trail in this directory",
+                    file.display()
+                );
+                return ExitCode::from(2);
             }
+            found.trails
+        } else {
+            vec![file.to_path_buf()]
+        };
+        let seq = |s: Option<u64>| s.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let mut failed = false;
+        for trail in &trails {
+            let files = caregate_audit::chain_files(trail);
+            if files.is_empty() {
+                eprintln!(
+                    "{name} audit verify: {}: no such file (nor rotated segments of it)",
+                    trail.display()
+                );
+                return ExitCode::from(2);
+            }
+            let reports = match caregate_audit::verify_files(&files, key.as_bytes()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{name} audit verify: FAILED: {e}");
+                    failed = true;
+                    continue;
+                }
+            };
+            for r in &reports {
+                let mut line = format!(
+                    "{}: ok — {} records, {} checkpoints, seq {}..{}",
+                    r.file.display(),
+                    r.records,
+                    r.checkpoints,
+                    seq(r.first_seq),
+                    seq(r.last_seq),
+                );
+                if let Some(link) = &r.link {
+                    let point = if link.handover {
+                        "its hand-over checkpoint"
+                    } else {
+                        "its last line,"
+                    };
+                    line.push_str(&format!(
+                        ", continues {} after {point} seq {}",
+                        link.file.display(),
+                        link.seq
+                    ));
+                }
+                for h in &r.handovers {
+                    line.push_str(&format!(
+                        ", hand-over at seq {} ({} late records after it)",
+                        h.seq, h.late_records
+                    ));
+                }
+                println!("{line}");
+            }
+            for r in &reports {
+                for w in &r.warnings {
+                    println!("note: {}: {w}", r.file.display());
+                }
+            }
+            if reports.len() > 1 {
+                println!("{}: intact — {} segments", trail.display(), reports.len());
+            }
+        }
+        if failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
         }
     }
 
@@ -484,9 +569,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify an audit file's keyed chain: exit 0 when intact, 1 naming the first broken place
-    /// (an edited, removed or reordered record, or a cut-off tail).
+    /// Verify an audit trail's keyed chain. PATH is the active audit file (its rotated and
+    /// handed-over segments `PATH.<n>` are verified with it, and the links between them) or a
+    /// directory (every trail in it). Exit 0 when intact, 1 naming the first broken place (an
+    /// edited, removed or reordered record, a cut-off tail, a missing, cut, reordered or
+    /// duplicated segment), 2 for usage errors.
     Verify {
+        #[arg(value_name = "PATH")]
         file: PathBuf,
         /// The environment variable holding the chain's HMAC key (never pass it as an argument).
         #[arg(long, default_value = "CAREGATE_AUDIT_KEY")]

@@ -89,6 +89,24 @@ pub struct ServerSettings {
     /// gateway's memory without bound under many concurrent large checks.
     #[serde(default = "default_max_exchange_memory")]
     pub max_exchange_memory_bytes: usize,
+    /// On SIGTERM, how long `/readyz` answers 503 while the listeners keep accepting and
+    /// serving, before they close: time for load balancers and Kubernetes endpoints to stop
+    /// sending new connections here.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay_seconds: u64,
+    /// The Unix socket a graceful upgrade passes the listening sockets over. Both processes
+    /// must name the same one; two gateways on one host must not. Default: in the system's
+    /// temporary directory, named after the admin listener's port (unique per host).
+    #[serde(default)]
+    pub upgrade_sock: Option<PathBuf>,
+    /// A file the gateway writes its process id to at start (and removes at exit if it still
+    /// holds its id). A graceful upgrade's new process writes its own id there.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// Poll the config file this often and reload when its content changes (off by default:
+    /// `SIGHUP` and `POST /reload` reload on demand).
+    #[serde(default)]
+    pub watch_config_interval_ms: Option<u64>,
 }
 
 impl Default for ServerSettings {
@@ -104,8 +122,16 @@ impl Default for ServerSettings {
             work_stealing: default_work_stealing(),
             max_exchange_body_bytes: default_max_exchange_body(),
             max_exchange_memory_bytes: default_max_exchange_memory(),
+            drain_delay_seconds: default_drain_delay(),
+            upgrade_sock: None,
+            pid_file: None,
+            watch_config_interval_ms: None,
         }
     }
+}
+
+fn default_drain_delay() -> u64 {
+    5
 }
 
 fn default_threads() -> usize {
@@ -420,7 +446,35 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
-/// Replace `${NAME}` with the environment variable NAME. `$${` writes a literal `${`.
+/// The content of a secret file named by `${file:/path}`: one trailing line break removed; no
+/// other control character and no `"` (so it cannot change the YAML around it). The content
+/// never appears in an error.
+fn read_secret_file(line: usize, path: &str) -> Result<String, ConfigError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return err(format!(
+            "line {line}: `${{file:{path}}}` must name an absolute path"
+        ));
+    }
+    let mut v = std::fs::read_to_string(p)
+        .map_err(|e| ConfigError(format!("line {line}: secret file {path}: {e}")))?;
+    if v.ends_with('\n') {
+        v.pop();
+        if v.ends_with('\r') {
+            v.pop();
+        }
+    }
+    if v.is_empty() || v.chars().any(|c| c.is_control() || c == '"') {
+        return err(format!(
+            "line {line}: secret file {path} is empty, or holds a line break, a control character or a quote"
+        ));
+    }
+    Ok(v)
+}
+
+/// Replace `${NAME}` with the environment variable NAME, and `${file:/path}` with the content
+/// of a secret file (re-read at every reload, so a rotated secret is picked up). `$${` writes a
+/// literal `${`.
 pub fn substitute_env(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
@@ -439,6 +493,12 @@ pub fn substitute_env(
                 return err(format!("line {line}: unterminated ${{...}} reference"));
             };
             let name = &body[..end];
+            if let Some(path) = name.strip_prefix("file:") {
+                let line = text[..text.len() - rest.len() + pos].matches('\n').count() + 1;
+                out.push_str(&read_secret_file(line, path)?);
+                rest = &body[end + 1..];
+                continue;
+            }
             let valid = !name.is_empty()
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.as_bytes()[0].is_ascii_digit();
@@ -1727,6 +1787,21 @@ routes:
         let e = substitute_env("a: 1\n${MISSING}: x", look).err().unwrap().0;
         assert_eq!(e, "line 2: environment variable MISSING is not set");
         assert!(substitute_env("a: ${", look).is_err());
+        let dir = std::env::temp_dir().join(format!("caregate-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let r = substitute_env(&format!("a: \"${{file:{}}}\"", f.display()), look).unwrap();
+        assert_eq!(r, "a: \"from-a-file\"");
+        std::fs::write(&f, "two\nlines\n").unwrap();
+        let e = substitute_env(&format!("a: ${{file:{}}}", f.display()), look)
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.contains("line break") && !e.contains("two"), "{e}");
+        assert!(substitute_env("a: ${file:relative/path}", look).is_err());
+        assert!(substitute_env("a: ${file:/nonexistent/caregate/secret}", look).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(substitute_env("a: ${1X}", look).is_err());
     }
 }

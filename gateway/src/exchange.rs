@@ -346,7 +346,7 @@ impl Gateway {
 
     pub(crate) fn observe_upstream(&self, ctx: &mut Ctx) {
         if let (Some(at), Some((zone, _)), Some(p)) = (ctx.connected_at, ctx.current, ctx.pool) {
-            if let Some(pool) = self.pools.get(p) {
+            if let Some(pool) = ctx.gen.pools.get(p) {
                 let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
                 let secs = at.elapsed().as_secs_f64();
                 ctx.upstream_ms = Some(secs * 1000.0);

@@ -32,6 +32,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod otlp;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod sandbox_server;

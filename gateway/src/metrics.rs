@@ -121,10 +121,37 @@ pub static AUDIT_SINK_HEALTHY: Lazy<prometheus::IntGauge> = Lazy::new(|| {
 pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "caregate_config_reloads_total",
-        "Config reload requests, by result (not_supported: a SIGHUP that was logged and ignored; the running config is kept).",
-        &["result"]
+        "Config reloads, by trigger (signal, admin, file, rollback) and outcome (applied; rejected: the new file failed validation or changes a setting fixed at start, and the running config is kept; unchanged: same file).",
+        &["trigger", "outcome"]
     )
     .expect("register caregate_config_reloads_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static CONFIG_GENERATION: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "caregate_config_generation",
+        "The running config's generation: 1 at start, +1 for every reload applied."
+    )
+    .expect("register caregate_config_generation")
+});
+
+#[allow(clippy::expect_used)]
+pub static IN_FLIGHT: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "caregate_requests_in_flight",
+        "Requests the gateway is handling now (from the request header to the end of logging)."
+    )
+    .expect("register caregate_requests_in_flight")
+});
+
+#[allow(clippy::expect_used)]
+pub static DRAINING: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "caregate_draining",
+        "1 once the process is stopping (SIGTERM or SIGQUIT): /readyz answers 503."
+    )
+    .expect("register caregate_draining")
 });
 
 /// Touch every metric so that each family is present from the first scrape.
@@ -137,6 +164,9 @@ pub fn init() {
     Lazy::force(&RETRIES);
     Lazy::force(&FILTER_DECISIONS);
     Lazy::force(&CONFIG_RELOADS);
+    Lazy::force(&IN_FLIGHT);
+    Lazy::force(&DRAINING);
+    CONFIG_GENERATION.set(1);
 }
 
 /// The audit metrics, registered only when an audit sink is configured.

@@ -6,8 +6,7 @@ use crate::errors;
 use crate::hygiene;
 use crate::metrics;
 use crate::retry;
-use crate::router::{request_host, Route, RouteMatch, RouteTable};
-use crate::upstream::Pool;
+use crate::router::{request_host, Route, RouteMatch};
 use async_trait::async_trait;
 use bytes::Bytes;
 use caregate_filters::chain::{Chain, DecisionSink, Verdict};
@@ -24,18 +23,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// One listener's proxy: its own route table over the shared pools.
+/// One listener's proxy: its route table (in the live config generation) over the shared
+/// pools.
 pub struct Gateway {
     pub listener: Arc<str>,
+    /// The listener's index in the config (its route table's index in a generation).
+    pub listener_index: usize,
     pub channel: Channel,
     pub tls: bool,
-    pub table: RouteTable,
-    pub pools: Arc<Vec<Arc<Pool>>>,
+    /// The live config generation; each request reads it once and keeps it.
+    pub live: crate::reload::Live,
     pub trusted_proxies: Vec<IpNet>,
     pub keepalive_seconds: u64,
     pub max_header_bytes: usize,
-    /// Pool name -> index, for tenants that select their own pool.
-    pub pool_index: Arc<std::collections::HashMap<String, usize>>,
     pub access_log: Option<AccessLog>,
     pub audit: Option<Arc<caregate_audit::AuditSink>>,
     pub otlp: Option<Arc<crate::otlp::OtlpExporter>>,
@@ -50,6 +50,10 @@ pub struct Gateway {
 /// Per-request state of the gateway (the filters' part is `req`).
 pub struct Ctx {
     pub req: RequestCtx,
+    /// The config generation this request runs with, from start to end.
+    pub(crate) gen: Arc<crate::reload::Generation>,
+    /// Counts the request in flight while it lives (the drain waits for none).
+    pub(crate) _in_flight: crate::lifecycle::InFlight,
     pub(crate) route: Option<Arc<Route>>,
     pub(crate) tried: Vec<SocketAddr>,
     pub(crate) attempts: usize,
@@ -196,7 +200,7 @@ impl Gateway {
             return false;
         };
         ctx.tried.push(addr);
-        let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) else {
+        let Some(pool) = ctx.pool.and_then(|p| ctx.gen.pools.get(p)) else {
             return false;
         };
         let again = retry::may_retry(failure, req)
@@ -252,9 +256,16 @@ impl Gateway {
         let query = req.uri.query().map(str::to_string);
 
         // The flavour of early errors follows the route the raw path would have reached.
+        let gen = ctx.gen.clone();
+        let Some(table) = gen.table(self.listener_index) else {
+            return Some(LocalReply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the listener has no route table",
+            ));
+        };
         if let RouteMatch::Found(r) | RouteMatch::MethodNotAllowed(r) =
-            self.table
-                .lookup(host.as_deref(), &raw_path, &ctx.req.method)
+            table.lookup(host.as_deref(), &raw_path, &ctx.req.method)
         {
             ctx.req.host().fhir_route = r.fhir;
         }
@@ -355,7 +366,7 @@ impl Gateway {
                 ));
             }
         };
-        let route = match self.table.lookup(host.as_deref(), &path, &ctx.req.method) {
+        let route = match table.lookup(host.as_deref(), &path, &ctx.req.method) {
             RouteMatch::Found(r) => r.clone(),
             RouteMatch::MethodNotAllowed(r) => {
                 ctx.req.host().fhir_route = r.fhir;
@@ -597,14 +608,14 @@ impl Gateway {
             return Error::e_explain(ErrorType::InternalError, "no route");
         };
         let pool_idx = match ctx.req.facts.get::<Tenant>().and_then(|t| t.pool.as_ref()) {
-            Some(name) => match self.pool_index.get(name) {
+            Some(name) => match ctx.gen.pool_index.get(name) {
                 Some(i) => *i,
                 None => return Error::e_explain(ErrorType::InternalError, "tenant pool missing"),
             },
             None => route.pool,
         };
         ctx.pool = Some(pool_idx);
-        let Some(pool) = self.pools.get(pool_idx) else {
+        let Some(pool) = ctx.gen.pools.get(pool_idx) else {
             return Error::e_explain(ErrorType::InternalError, "route pool missing");
         };
         // The last attempt goes to a later zone when one has a healthy backend, so a zone whose
@@ -666,7 +677,7 @@ impl Gateway {
                 .then(|| resource_id.clone())
                 .flatten()
         });
-        let pool = ctx.pool.and_then(|p| self.pools.get(p));
+        let pool = ctx.pool.and_then(|p| ctx.gen.pools.get(p));
         AuditRecord {
             time: String::new(),
             request_id: ctx.req.request_id.clone(),
@@ -710,13 +721,14 @@ impl Gateway {
                     .and_then(|(z, _)| p.zones.get(z))
                     .map(|z| z.name.to_string()),
             }),
+            config: None,
         }
     }
 
     /// The access log line of a request. Only bounded, non-identifying values: the route and
     /// its template, never the path, query, ids, tokens or the client address.
     fn access_line(&self, session: &Session, ctx: &Ctx, status: u16) -> String {
-        let (zone, backend) = match (ctx.pool.and_then(|p| self.pools.get(p)), ctx.current) {
+        let (zone, backend) = match (ctx.pool.and_then(|p| ctx.gen.pools.get(p)), ctx.current) {
             (Some(pool), Some((z, addr))) => (
                 pool.zones.get(z).map(|z| z.name.to_string()),
                 Some(addr.to_string()),
@@ -742,7 +754,7 @@ impl Gateway {
             "reason": ctx.error_reason.or_else(|| ctx.req.deny_reason()),
             "duration_ms": (ctx.req.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
             "upstream_ms": ctx.upstream_ms.map(|m| (m * 1000.0).round() / 1000.0),
-            "pool": ctx.pool.and_then(|p| self.pools.get(p)).map(|p| p.name.to_string()),
+            "pool": ctx.pool.and_then(|p| ctx.gen.pools.get(p)).map(|p| p.name.to_string()),
             "zone": zone,
             "backend": backend,
             "attempts": ctx.attempts,
@@ -833,6 +845,8 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> Box<Ctx> {
         Box::new(Ctx {
             req: RequestCtx::new(self.listener.clone(), self.channel),
+            gen: self.live.load_full(),
+            _in_flight: crate::lifecycle::InFlight::enter(),
             route: None,
             tried: Vec::new(),
             attempts: 0,
@@ -1127,7 +1141,7 @@ impl ProxyHttp for Gateway {
             .observe(ctx.req.started.elapsed().as_secs_f64());
         if let (Some(p), Some((zone, _))) = (ctx.pool, ctx.current) {
             if zone > 0 && (200..500).contains(&status) {
-                if let Some(pool) = self.pools.get(p) {
+                if let Some(pool) = ctx.gen.pools.get(p) {
                     let from = pool.zones.first().map(|z| &*z.name).unwrap_or("");
                     let to = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
                     metrics::FAILOVERS
@@ -1181,7 +1195,7 @@ impl ProxyHttp for Gateway {
             if let Some(r) = ctx.error_reason.or_else(|| ctx.req.deny_reason()) {
                 attributes.push(("caregate.reason", r.to_string()));
             }
-            if let Some(pool) = ctx.pool.and_then(|p| self.pools.get(p)) {
+            if let Some(pool) = ctx.pool.and_then(|p| ctx.gen.pools.get(p)) {
                 attributes.push(("caregate.upstream.pool", pool.name.to_string()));
                 if let Some(z) = ctx.current.and_then(|(z, _)| pool.zones.get(z)) {
                     attributes.push(("caregate.upstream.zone", z.name.to_string()));

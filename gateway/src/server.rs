@@ -4,9 +4,8 @@
 use crate::admin::AdminApp;
 use crate::config::{Loaded, TlsListenerConfig};
 use crate::proxy::Gateway;
-use crate::router::{Route, RouteTable};
 use crate::sandbox_server::{SandboxServer, SandboxService};
-use crate::upstream::{build_pools, HealthService, Readiness};
+use crate::upstream::{HealthService, Readiness};
 use caregate_sandbox::Sandbox;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
@@ -20,7 +19,12 @@ use pingora::tls::ssl::{SslVerifyMode, SslVersion};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<TlsSettings, String> {
+fn tls_settings(
+    loaded: &Loaded,
+    t: &TlsListenerConfig,
+    what: &str,
+    callbacks: Option<crate::tls_identity::ListenerTls>,
+) -> Result<TlsSettings, String> {
     let cert = loaded.resolve(&t.cert);
     let key = loaded.resolve(&t.key);
     let path_str = |p: &std::path::Path| {
@@ -28,21 +32,26 @@ fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<Tl
             .map(str::to_string)
             .ok_or_else(|| format!("{what}: path {} is not UTF-8", p.display()))
     };
-    let mut tls = if t.client_ca.is_some() {
-        // With client certificates, a callback reads the verified certificate's subject.
-        let mut tls =
-            TlsSettings::with_callbacks(Box::new(crate::tls_identity::ClientCertCallbacks))
-                .map_err(|e| format!("{what}: {e}"))?;
+    let with_callbacks = |cb: pingora::listeners::TlsAcceptCallbacks| {
+        let mut tls = TlsSettings::with_callbacks(cb).map_err(|e| format!("{what}: {e}"))?;
         tls.set_private_key_file(&key, pingora::tls::ssl::SslFiletype::PEM)
             .map_err(|e| format!("{what}: cannot load key {}: {e}", key.display()))?;
         tls.set_certificate_chain_file(&cert)
             .map_err(|e| format!("{what}: cannot load certificate {}: {e}", cert.display()))?;
         tls.check_private_key()
             .map_err(|e| format!("{what}: certificate and key do not match: {e}"))?;
-        tls
-    } else {
-        TlsSettings::intermediate(&path_str(&cert)?, &path_str(&key)?)
-            .map_err(|e| format!("{what}: cannot load certificate/key: {e}"))?
+        Ok::<_, String>(tls)
+    };
+    let mut tls = match callbacks {
+        // A listener's certificate comes from the live config generation on every handshake
+        // (so a reload renews it); the one set here is the fallback. With client certificates,
+        // the callbacks also read the verified certificate's subject.
+        Some(cb) => with_callbacks(Box::new(cb))?,
+        None if t.client_ca.is_some() => {
+            with_callbacks(Box::new(crate::tls_identity::ClientCertCallbacks))?
+        }
+        None => TlsSettings::intermediate(&path_str(&cert)?, &path_str(&key)?)
+            .map_err(|e| format!("{what}: cannot load certificate/key: {e}"))?,
     };
     tls.set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| format!("{what}: {e}"))?;
@@ -62,15 +71,8 @@ fn tls_settings(loaded: &Loaded, t: &TlsListenerConfig, what: &str) -> Result<Tl
     Ok(tls)
 }
 
-fn same_task(
-    a: &Arc<dyn caregate_filters::BackgroundTask>,
-    b: &Arc<dyn caregate_filters::BackgroundTask>,
-) -> bool {
-    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
-}
-
-/// Publishes the audit sink's health and backlog, and closes the sink (final checkpoint) at
-/// shutdown.
+/// Publishes the audit sink's health and backlog. (The sink is closed by the drain, once no
+/// request is in flight: see [`crate::lifecycle::Drain`].)
 struct AuditMonitor(Arc<caregate_audit::AuditSink>);
 
 #[async_trait::async_trait]
@@ -86,51 +88,48 @@ impl pingora::services::background::BackgroundService for AuditMonitor {
                 _ = shutdown.changed() => break,
             }
         }
-        let sink = self.0.clone();
-        let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
     }
 }
 
-/// Flushes the span exporter at shutdown.
-struct OtlpFlusher(Arc<crate::otlp::OtlpExporter>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for OtlpFlusher {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let _ = shutdown.changed().await;
-        let exp = self.0.clone();
-        let _ = tokio::task::spawn_blocking(move || exp.shutdown()).await;
-    }
+/// What `run` needs besides the server: the signal watch, and what to close at exit.
+pub struct Built {
+    pub server: Server,
+    pub signals: crate::lifecycle::GatewaySignals,
+    pub finisher: Arc<crate::lifecycle::Finisher>,
 }
 
-/// Runs the filters' background tasks until shutdown.
-struct FilterTasks(Vec<Arc<dyn caregate_filters::BackgroundTask>>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for FilterTasks {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let mut handles = Vec::new();
-        for t in &self.0 {
-            let t = t.clone();
-            let rx = rx.clone();
-            handles.push(tokio::spawn(async move { t.run(rx).await }));
-        }
-        let _ = shutdown.changed().await;
-        let _ = tx.send(true);
-        for h in handles {
-            let _ = h.await;
-        }
-    }
+/// Where the running config came from, for reloads.
+pub struct Source {
+    pub path: std::path::PathBuf,
+    pub text: String,
+    pub registry: caregate_filters::registry::FilterRegistry,
 }
+
+/// Pingora's retry bound, fixed at start: high enough for any pool a reload may bring.
+pub const RETRY_CAP: usize = 10;
 
 /// Build the whole server from a validated config. `opt` carries Pingora's own flags
 /// (upgrade, daemon, test).
-pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
+pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, String> {
     crate::metrics::init();
-    let cfg = &loaded.config;
-    let pools = Arc::new(build_pools(&loaded)?);
+    let upgrade = opt.upgrade;
+    let cfg = loaded.config.clone();
     let readiness = Arc::new(Readiness::default());
+    let upgrade_sock = match &cfg.server.upgrade_sock {
+        Some(p) => loaded.resolve(p),
+        None => {
+            std::env::temp_dir().join(format!("caregate-{}.upgrade.sock", cfg.admin.listen.port()))
+        }
+    };
+    let upgrade_sock = upgrade_sock
+        .to_str()
+        .ok_or_else(|| {
+            format!(
+                "server.upgrade_sock: {} is not UTF-8",
+                upgrade_sock.display()
+            )
+        })?
+        .to_string();
 
     let conf = ServerConf {
         version: 1,
@@ -138,13 +137,8 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         work_stealing: cfg.server.work_stealing,
         grace_period_seconds: Some(cfg.server.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(cfg.server.graceful_shutdown_timeout_seconds),
-        max_retries: cfg
-            .pools
-            .iter()
-            .map(|p| p.max_attempts)
-            .max()
-            .unwrap_or(1)
-            .max(1),
+        max_retries: RETRY_CAP,
+        upgrade_sock,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
@@ -156,7 +150,14 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
             let mut a = a.clone();
             a.path = loaded.resolve(&a.path);
             crate::metrics::init_audit();
-            let sink = caregate_audit::AuditSink::start(&a).map_err(|e| format!("audit: {e}"))?;
+            // On an upgrade the old process still writes the trail: this one continues it in a
+            // new segment once the old one hands it over (at its SIGQUIT).
+            let sink = if upgrade {
+                caregate_audit::AuditSink::start_takeover(&a)
+            } else {
+                caregate_audit::AuditSink::start(&a)
+            }
+            .map_err(|e| format!("audit: {e}"))?;
             server.add_service(background_service(
                 "audit monitor",
                 AuditMonitor(sink.clone()),
@@ -166,13 +167,23 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         None => None,
     };
     let otlp = match &cfg.otlp {
-        Some(o) => {
-            let exp = Arc::new(crate::otlp::OtlpExporter::start(o)?);
-            server.add_service(background_service("otlp flusher", OtlpFlusher(exp.clone())));
-            Some(exp)
-        }
+        Some(o) => Some(Arc::new(crate::otlp::OtlpExporter::start(o)?)),
         None => None,
     };
+    let pid_file = cfg.server.pid_file.as_ref().map(|p| loaded.resolve(p));
+    let finisher = Arc::new(crate::lifecycle::Finisher::new(
+        audit.clone(),
+        access_log.clone(),
+        otlp.clone(),
+        pid_file,
+    ));
+    server.add_service(background_service(
+        "drain",
+        crate::lifecycle::Drain {
+            grace: std::time::Duration::from_secs(cfg.server.grace_period_seconds),
+            finisher: finisher.clone(),
+        },
+    ));
     let exchange_memory = crate::exchange::MemoryBudget::new(cfg.server.max_exchange_memory_bytes);
     let mut controls = HashMap::new();
     let mut sandbox_handles = Vec::new();
@@ -197,10 +208,53 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         )));
     }
 
+    let admin_tls = cfg
+        .admin
+        .tls
+        .as_ref()
+        .map(|t| tls_settings(&loaded, t, "admin", None))
+        .transpose()?;
+    let listener_tls = |loaded: &Loaded, live: &crate::reload::Live| {
+        cfg.listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.tls
+                    .as_ref()
+                    .map(|t| {
+                        let cb = crate::tls_identity::ListenerTls {
+                            live: live.clone(),
+                            index: i,
+                            client_certs: t.client_ca.is_some(),
+                        };
+                        tls_settings(loaded, t, &format!("listener {}", l.name), Some(cb))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<TlsSettings>>, String>>()
+    };
+    let base = Loaded {
+        config: cfg.clone(),
+        route_filters: Vec::new(),
+        listener_filters: Vec::new(),
+        base_dir: loaded.base_dir.clone(),
+    };
+    let (generation, _) =
+        crate::reload::Generation::build(loaded, 1, Arc::from(source.text.as_str()), None)?;
+    let live: crate::reload::Live = Arc::new(arc_swap::ArcSwap::from_pointee(generation));
+    let tls_loaded = listener_tls(&base, &live)?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        source.path,
+        source.registry,
+        live.clone(),
+        RETRY_CAP,
+        audit.clone(),
+    ));
+
     let health = server.add_service(background_service(
         "upstream health",
         HealthService {
-            pools: pools.as_ref().clone(),
+            live: live.clone(),
             readiness: readiness.clone(),
         },
     ));
@@ -208,77 +262,30 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     for h in &sandbox_handles {
         health.add_dependency(h);
     }
+    if let Some(ms) = cfg.server.watch_config_interval_ms.filter(|ms| *ms > 0) {
+        server.add_service(background_service(
+            "config watch",
+            crate::reload::FileWatch {
+                reloader: reloader.clone(),
+                interval: std::time::Duration::from_millis(ms),
+            },
+        ));
+    }
 
-    let pool_index: HashMap<&str, usize> = cfg
-        .pools
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.name.as_str(), i))
-        .collect();
-    let pool_index_owned: Arc<HashMap<String, usize>> = Arc::new(
-        pool_index
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
-    );
-    // Filters' background work (e.g. key-set refresh), each task once even when shared.
-    let mut tasks: Vec<Arc<dyn caregate_filters::BackgroundTask>> = Vec::new();
-    for f in loaded
-        .route_filters
-        .iter()
-        .chain(loaded.listener_filters.iter())
-        .flatten()
-    {
-        if let Some(t) = f.background() {
-            if !tasks.iter().any(|x| same_task(x, &t)) {
-                tasks.push(t);
-            }
-        }
-    }
-    let filter_tasks = tasks.clone();
-    if !tasks.is_empty() {
-        server.add_service(background_service("filter tasks", FilterTasks(tasks)));
-    }
-    for (li, l) in cfg.listeners.iter().enumerate() {
-        let listener_filters = loaded.listener_filters.get(li).cloned().unwrap_or_default();
-        let mut routes = Vec::new();
-        for (i, r) in cfg.routes.iter().enumerate() {
-            if r.listener != l.name {
-                continue;
-            }
-            let pool = *pool_index
-                .get(r.pool.as_str())
-                .ok_or_else(|| format!("route {}: unknown pool", r.name))?;
-            routes.push(Arc::new(Route {
-                name: Arc::from(r.name.as_str()),
-                hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                path_prefix: r.path_prefix.clone(),
-                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-                fhir: r.fhir,
-                phi: r.phi,
-                pool,
-                upstream_prefix: r.upstream_prefix.clone(),
-                filters: listener_filters
-                    .iter()
-                    .cloned()
-                    .chain(loaded.route_filters.get(i).cloned().unwrap_or_default())
-                    .collect(),
-            }));
-        }
+    for ((li, l), tls) in cfg.listeners.iter().enumerate().zip(tls_loaded) {
         // Whole exchanges and pre-reads go through their own connector, set up as the proxy's.
         let connector = Arc::new(pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration),
         )));
         let gw = Gateway {
             listener: Arc::from(l.name.as_str()),
+            listener_index: li,
             channel: l.channel,
             tls: l.tls.is_some(),
-            table: RouteTable::new(routes),
-            pools: pools.clone(),
+            live: live.clone(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),
             keepalive_seconds: cfg.server.downstream_keepalive_seconds,
             max_header_bytes: cfg.server.max_request_header_bytes,
-            pool_index: pool_index_owned.clone(),
             access_log: access_log.clone(),
             audit: audit.clone(),
             otlp: otlp.clone(),
@@ -289,8 +296,8 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
         let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
         let mut endpoint = ListenerConfig::tcp(l.listen.to_string())
             .l4_buffer(L4BufferSettings::default().read(cfg.server.downstream_read_buffer_bytes));
-        if let Some(t) = &l.tls {
-            endpoint = endpoint.tls(tls_settings(&loaded, t, &format!("listener {}", l.name))?);
+        if let Some(t) = tls {
+            endpoint = endpoint.tls(t);
         }
         svc.add_listener(endpoint);
         server.add_service(svc);
@@ -299,19 +306,25 @@ pub fn build_server(loaded: Loaded, opt: Opt) -> Result<Server, String> {
     let admin = AdminApp {
         readiness,
         audit: audit.clone(),
-        token: cfg.admin.token.clone().filter(|t| !t.is_empty()),
-        filter_tasks,
+        live,
+        reloader: reloader.clone(),
         sandboxes: controls,
     };
     let mut admin_svc = Service::new("admin".to_string(), HttpServer::new_app(admin));
     let admin_addr = cfg.admin.listen.to_string();
-    match &cfg.admin.tls {
-        Some(t) => {
-            let tls = tls_settings(&loaded, t, "admin")?;
-            admin_svc.add_tls_with_settings(&admin_addr, None, tls);
-        }
+    match admin_tls {
+        Some(tls) => admin_svc.add_tls_with_settings(&admin_addr, None, tls),
         None => admin_svc.add_tcp(&admin_addr),
     }
     server.add_service(admin_svc);
-    Ok(server)
+    let signals = crate::lifecycle::GatewaySignals {
+        drain_delay: std::time::Duration::from_secs(cfg.server.drain_delay_seconds),
+        audit,
+        reloader: Some(reloader),
+    };
+    Ok(Built {
+        server,
+        signals,
+        finisher,
+    })
 }

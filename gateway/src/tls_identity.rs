@@ -72,3 +72,111 @@ impl TlsAccept for ClientCertCallbacks {
         }))
     }
 }
+
+/// A listener's certificate chain, key and client CAs, as read for one config generation:
+/// served by [`ListenerTls`] to every new handshake, so a reload that re-reads the files renews
+/// them without a restart.
+pub struct ListenerCert {
+    pub leaf: pingora::tls::x509::X509,
+    pub chain: Vec<pingora::tls::x509::X509>,
+    pub key: pingora::tls::pkey::PKey<pingora::tls::pkey::Private>,
+    /// The CAs client certificates are verified against (mTLS listeners).
+    pub client_cas: Option<Vec<pingora::tls::x509::X509>>,
+}
+
+fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+}
+
+impl ListenerCert {
+    /// Read and check the files: the certificate chain, a key that matches its first
+    /// certificate, and the client CA bundle.
+    pub fn load(
+        what: &str,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<ListenerCert, String> {
+        use pingora::tls::x509::X509;
+        let mut certs = X509::stack_from_pem(&read_file(what, cert)?)
+            .map_err(|_| format!("{what}: {} is not a PEM certificate file", cert.display()))?
+            .into_iter();
+        let leaf = certs
+            .next()
+            .ok_or_else(|| format!("{what}: {} holds no certificate", cert.display()))?;
+        let key = pingora::tls::pkey::PKey::private_key_from_pem(&read_file(what, key)?)
+            .map_err(|_| format!("{what}: {} holds no PEM private key", key.display()))?;
+        let matches = leaf
+            .public_key()
+            .map(|p| p.public_eq(&key))
+            .unwrap_or(false);
+        if !matches {
+            return Err(format!(
+                "{what}: the key does not match the certificate {}",
+                cert.display()
+            ));
+        }
+        let client_cas = match client_ca {
+            Some(p) => Some(
+                X509::stack_from_pem(&read_file(what, p)?)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| format!("{what}: {} holds no PEM certificate", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(ListenerCert {
+            leaf,
+            chain: certs.collect(),
+            key,
+            client_cas,
+        })
+    }
+}
+
+/// The TLS callbacks of a listener: the certificate, key and client CAs of the live config
+/// generation for every handshake, and (with client certificates) the verified caller.
+pub struct ListenerTls {
+    pub live: crate::reload::Live,
+    pub index: usize,
+    pub client_certs: bool,
+}
+
+#[async_trait]
+impl TlsAccept for ListenerTls {
+    async fn certificate_callback(&self, ssl: &mut TlsRef) {
+        let generation = self.live.load();
+        let Some(Some(c)) = generation.certs.get(self.index) else {
+            return;
+        };
+        let mut ok = pingora::tls::ext::ssl_use_certificate(ssl, &c.leaf).is_ok()
+            && pingora::tls::ext::ssl_use_private_key(ssl, &c.key).is_ok();
+        for x in &c.chain {
+            ok &= pingora::tls::ext::ssl_add_chain_cert(ssl, x).is_ok();
+        }
+        if let Some(cas) = &c.client_cas {
+            let store = pingora::tls::x509::store::X509StoreBuilder::new().and_then(|mut b| {
+                for ca in cas {
+                    b.add_cert(ca.clone())?;
+                }
+                Ok(b.build())
+            });
+            ok &= store.and_then(|s| ssl.set_verify_cert_store(s)).is_ok();
+        }
+        if !ok {
+            // The certificate set at start stays in place.
+            log::warn!("TLS: the reloaded certificate could not be set on a handshake");
+        }
+    }
+
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        if self.client_certs {
+            ClientCertCallbacks.handshake_complete_callback(tls).await
+        } else {
+            None
+        }
+    }
+}

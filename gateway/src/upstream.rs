@@ -48,6 +48,8 @@ pub struct Pool {
     pub health_interval: Duration,
     /// Health passes needed before a backend's state is settled.
     pub settle_passes: usize,
+    /// Turns true when a reload retires the pool: its health checks stop.
+    retired: tokio::sync::watch::Sender<bool>,
 }
 
 /// A backend picked for one attempt.
@@ -227,6 +229,7 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
         tls,
         health_interval: Duration::from_millis(hc_conf.interval_ms),
         settle_passes: hc_conf.consecutive_failure.max(hc_conf.consecutive_success),
+        retired: tokio::sync::watch::channel(false).0,
     })
 }
 
@@ -252,9 +255,10 @@ impl Readiness {
     }
 }
 
-/// Runs discovery and the health checks of every zone of every pool.
+/// Runs discovery and the health checks of every zone of every pool of the live generation;
+/// pools a reload adds are settled and started by the reload itself.
 pub struct HealthService {
-    pub pools: Vec<Arc<Pool>>,
+    pub live: crate::reload::Live,
     pub readiness: Arc<Readiness>,
 }
 
@@ -267,6 +271,11 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
         );
     }
     zone.lb.backends().run_health_check(true).await;
+    if *pool.retired.borrow() {
+        // A reload retired the pool during this pass: its series are gone, or belong to the
+        // pool that replaced it.
+        return;
+    }
     for b in zone.lb.backends().get_backend().iter() {
         let healthy = zone.lb.backends().ready(b);
         let label = b.addr.to_string();
@@ -276,49 +285,86 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
     }
 }
 
+impl Pool {
+    /// Stop this pool's health checks (a reload no longer uses it) and drop the metric series
+    /// of its backends that `successors` (the pools of the new generation) do not have.
+    pub fn retire(&self, successors: &[Arc<Pool>]) {
+        let _ = self.retired.send(true);
+        for zone in &self.zones {
+            for b in &zone.backends {
+                let kept = successors.iter().any(|p| {
+                    p.name == self.name
+                        && p.zones
+                            .iter()
+                            .any(|z| z.name == zone.name && z.backends.contains(b))
+                });
+                if !kept {
+                    let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[
+                        &*self.name,
+                        &*zone.name,
+                        b.to_string().as_str(),
+                    ]);
+                }
+            }
+        }
+    }
+}
+
+/// Run as many health passes as the pool's thresholds need to settle every backend's state
+/// (backends start healthy in Pingora).
+pub async fn settle(pool: &Pool) {
+    for _ in 0..pool.settle_passes.max(1) {
+        for zone in &pool.zones {
+            check_zone(pool, zone).await;
+        }
+    }
+}
+
+/// Check every zone of `pool` on its interval until the pool is retired.
+pub fn spawn_health(pool: Arc<Pool>) {
+    for zi in 0..pool.zones.len() {
+        let pool = pool.clone();
+        let mut retired = pool.retired.subscribe();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(pool.health_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if let Some(zone) = pool.zones.get(zi) {
+                            check_zone(&pool, zone).await;
+                        }
+                    }
+                    r = retired.changed() => {
+                        if r.is_err() || *retired.borrow() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // Backends start healthy in Pingora: run as many passes as the thresholds need to
-        // settle every backend's state before declaring the gateway ready.
-        for pool in &self.pools {
-            for _ in 0..pool.settle_passes.max(1) {
-                for zone in &pool.zones {
-                    check_zone(pool, zone).await;
-                }
-            }
+        let generation = self.live.load_full();
+        // The first generation's filter tasks (e.g. key-set fetches); a reload starts its own.
+        generation.start_tasks();
+        for pool in generation.pools.iter() {
+            settle(pool).await;
         }
         self.readiness.pools_checked.store(true, Ordering::Release);
         log::info!(
             "upstream health: first pass done for {} pool(s)",
-            self.pools.len()
+            generation.pools.len()
         );
-
-        let mut tasks = Vec::new();
-        for pool in &self.pools {
-            for zi in 0..pool.zones.len() {
-                let pool = pool.clone();
-                let mut shutdown = shutdown.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut interval = tokio::time::interval(pool.health_interval);
-                    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    interval.tick().await;
-                    loop {
-                        tokio::select! {
-                            _ = interval.tick() => {
-                                if let Some(zone) = pool.zones.get(zi) {
-                                    check_zone(&pool, zone).await;
-                                }
-                            }
-                            _ = shutdown.changed() => break,
-                        }
-                    }
-                }));
-            }
+        for pool in generation.pools.iter() {
+            spawn_health(pool.clone());
         }
         let _ = shutdown.changed().await;
-        for t in tasks {
-            t.abort();
-        }
+        self.live.load().retire();
     }
 }

@@ -135,6 +135,23 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Wait for the process to exit, at most `limit` (panicking with its log after that); its
+    /// exit status.
+    pub fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -814,4 +831,120 @@ pub fn next_link(bundle: &serde_json::Value) -> Option<String> {
         .find(|l| l["relation"] == "next")?["url"]
         .as_str()
         .map(str::to_string)
+}
+
+/// One request on a kept-alive connection (reconnecting when the connection is gone, as
+/// HTTP/1.1 clients do for an idempotent request on an idle connection the server closed).
+pub struct Client {
+    pub to: SocketAddr,
+    pub conn: Option<BufReader<TcpStream>>,
+}
+
+impl Client {
+    pub fn get(&mut self, target: &str) -> Result<Response, String> {
+        for attempt in 0..2 {
+            let reused = self.conn.is_some();
+            if self.conn.is_none() {
+                let s = TcpStream::connect_timeout(&self.to, Duration::from_secs(2))
+                    .map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                self.conn = Some(BufReader::new(s));
+            }
+            let conn = self.conn.as_mut().unwrap();
+            let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.to);
+            let sent = conn.get_mut().write_all(req.as_bytes());
+            let got = sent
+                .map_err(|e| e.to_string())
+                .and_then(|_| read_response(conn, false).map_err(|e| e.to_string()));
+            match got {
+                Ok(r) => {
+                    if r.header("connection")
+                        .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                    {
+                        self.conn = None;
+                    }
+                    return Ok(r);
+                }
+                // A kept-alive connection the server closed before reading the request: retry
+                // once on a new one. Any other failure counts.
+                Err(e) => {
+                    self.conn = None;
+                    if !(reused && attempt == 0) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err("no response".into())
+    }
+}
+
+/// Clients that send requests until stopped, counting answers and failures.
+pub struct Load {
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<std::sync::atomic::AtomicUsize>,
+    pub failures: Arc<Mutex<Vec<(Instant, String)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Start the clients: two on kept-alive connections, one opening a connection per request.
+    pub fn start(to: SocketAddr, target: &'static str) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failures: Arc<Mutex<Vec<(Instant, String)>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        // Two kept-alive clients and one that opens a new connection per request.
+        for keepalive in [true, true, false] {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut c = Client { to, conn: None };
+                while !stop.load(Ordering::SeqCst) {
+                    let r = if keepalive {
+                        c.get(target)
+                    } else {
+                        try_request(to, "GET", target, &[], b"").map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                                format!("connect: {e}")
+                            } else {
+                                e.to_string()
+                            }
+                        })
+                    };
+                    match r {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push((Instant::now(), format!("{} {}", r.status, r.text()))),
+                        Err(e) => failures.lock().unwrap().push((Instant::now(), e)),
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stop the clients: the requests answered 200, and every failure.
+    pub fn finish(self) -> (usize, Vec<String>) {
+        let (ok, f) = self.finish_timed();
+        (ok, f.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// Like [`Load::finish`], with the time of each failure.
+    pub fn finish_timed(self) -> (usize, Vec<(Instant, String)>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let f = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::SeqCst), f)
+    }
 }

@@ -83,6 +83,38 @@ fn verify(path: &Path) -> (bool, String) {
     )
 }
 
+/// `caregate audit verify PATH`: (exit code, stdout + stderr).
+fn verify_code(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new(caregate_bin())
+        .args(["audit", "verify", path.to_str().unwrap()])
+        .env("CAREGATE_AUDIT_KEY", KEY)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn phi_get(p: std::net::SocketAddr, i: usize) -> u16 {
+    let good = token("dr-a", "hospital-a");
+    request(
+        p,
+        "GET",
+        &format!("/fhir/Patient/p{i}"),
+        &[
+            ("Host", "a.example.org"),
+            ("Authorization", &format!("Bearer {good}")),
+        ],
+        b"",
+    )
+    .status
+}
+
 fn sigterm_and_wait(gw: &mut Gateway) {
     let st = Command::new("kill")
         .args(["-TERM", &gw.proc.pid().to_string()])
@@ -455,4 +487,128 @@ fn fhir_audit_events_follow_balp_and_validate_against_the_r4_schema() {
         .as_str()
         .unwrap()
         .contains("token_missing"));
+}
+
+#[test]
+fn a_second_gateway_on_the_same_audit_file_does_not_start() {
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit-lock");
+    let audit = dir.0.join("audit.jsonl");
+    let (public, admin) = (free_port(), free_port());
+    let mut gw = Gateway::start(&config(admin, public, &backend, &audit, "json"), admin);
+    assert_eq!(phi_get(addr(public), 1), 200);
+
+    // Another gateway (other ports) on the same audit file, without `--upgrade`: it refuses to
+    // start instead of writing into the running one's file.
+    let cfg2 = dir.0.join("second.yaml");
+    std::fs::write(
+        &cfg2,
+        config(free_port(), free_port(), &backend, &audit, "json"),
+    )
+    .unwrap();
+    let mut second = Proc::spawn(&["run", "-c", cfg2.to_str().unwrap()], "gw-second");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = second.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second gateway did not stop; log:\n{}",
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(!status.success(), "log:\n{}", second.log());
+    let log = second.log();
+    assert!(
+        log.contains("another running process writes this audit trail")
+            && log.contains("--upgrade"),
+        "{log}"
+    );
+
+    // The first one is undisturbed, and its trail verifies.
+    assert_eq!(phi_get(addr(public), 2), 200);
+    sigterm_and_wait(&mut gw);
+    let (ok, out) = verify(&audit);
+    assert!(ok, "{out}");
+    assert_eq!(
+        records(&audit).len(),
+        4,
+        "two requests, access + completion each"
+    );
+}
+
+#[test]
+fn audit_verify_walks_the_segments_of_a_trail_and_a_directory() {
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit-segments");
+    let audit = dir.0.join("audit.jsonl");
+    let (public, admin) = (free_port(), free_port());
+    let yaml = config(admin, public, &backend, &audit, "json").replace(
+        "checkpoint_interval_ms: 200 }",
+        "checkpoint_interval_ms: 200, rotate_bytes: 2000 }",
+    );
+    let mut gw = Gateway::start(&yaml, admin);
+    for i in 0..8 {
+        assert_eq!(phi_get(addr(public), i), 200);
+    }
+    sigterm_and_wait(&mut gw);
+
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("audit.jsonl.") && !n.ends_with(".anchor")
+        })
+        .collect();
+    segments.sort_by_key(|p| {
+        p.extension()
+            .unwrap()
+            .to_string_lossy()
+            .parse::<u64>()
+            .unwrap()
+    });
+    assert!(segments.len() >= 3, "rotated: {segments:?}");
+    segments.push(audit.clone());
+
+    // The active file: every segment, one line each, linked.
+    let (code, out) = verify_code(&audit);
+    assert_eq!(code, Some(0), "{out}");
+    for s in &segments {
+        assert!(
+            out.contains(&format!("{}: ok — ", s.display())),
+            "{}: {out}",
+            s.display()
+        );
+    }
+    assert!(out.contains("continues"), "{out}");
+    assert!(out.contains("intact"), "{out}");
+    // The directory: the same trail.
+    let (code, out) = verify_code(&dir.0);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("{}: ok — ", audit.display())),
+        "{out}"
+    );
+
+    // A segment removed from the middle: exit 1, naming the file after the gap.
+    std::fs::remove_file(&segments[1]).unwrap();
+    let _ = std::fs::remove_file(format!("{}.anchor", segments[1].display()));
+    let (code, out) = verify_code(&audit);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("FAILED: {}: line 1", segments[2].display())),
+        "{out}"
+    );
+    let (code, out) = verify_code(&dir.0);
+    assert_eq!(code, Some(1), "{out}");
+
+    // Usage errors: exit 2.
+    let (code, out) = verify_code(&dir.0.join("nope.jsonl"));
+    assert_eq!(code, Some(2), "{out}");
+    let empty = TempDir::new("audit-empty");
+    let (code, out) = verify_code(&empty.0);
+    assert_eq!(code, Some(2), "{out}");
 }

@@ -94,6 +94,9 @@ routes:
     }
     // Denied.
     assert_eq!(get(p, "/fhir/Patient/1").status, 401);
+    // A reload of the unchanged file (the reload series appear with the first reload).
+    let r = request(gw.admin, "POST", "/reload", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
     let metrics = gw.metrics();
     for n in &names {
         assert!(

@@ -1,5 +1,5 @@
 //! Start whole or not at all, and signals: a taken port is a fatal start-up error, SIGHUP
-//! never stops the gateway, `--daemon` is refused with the reason.
+//! reloads and never stops the gateway, `--daemon` is refused with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use caregate_integration_tests::*;
@@ -19,22 +19,6 @@ routes: [ {{ name: app, listener: public, path_prefix: /app, pool: app }} ]
     )
 }
 
-/// Wait for the process to exit, at most `limit`; its exit status.
-fn exit_within(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running after {limit:?}; log:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 #[test]
 fn a_taken_port_makes_run_exit_non_zero_within_seconds() {
     let backend = EchoServer::start("app");
@@ -52,7 +36,7 @@ fn a_taken_port_makes_run_exit_non_zero_within_seconds() {
         std::fs::write(&cfg, config(public, admin, backend.addr)).unwrap();
         let started = Instant::now();
         let mut p = Proc::spawn(&["run", "-c", cfg.to_str().unwrap()], "taken-port");
-        let st = exit_within(&mut p, Duration::from_secs(10));
+        let st = p.exit_within(Duration::from_secs(10));
         assert!(!st.success(), "exit status {st}");
         let log = p.log();
         let who = if taken_is_admin {
@@ -74,7 +58,7 @@ fn a_taken_port_makes_run_exit_non_zero_within_seconds() {
 }
 
 #[test]
-fn sighup_leaves_the_gateway_serving() {
+fn sighup_reloads_and_leaves_the_gateway_serving() {
     let backend = EchoServer::start("app");
     let (public, admin) = (free_port(), free_port());
     let gw = Gateway::start(&config(public, admin, backend.addr), admin);
@@ -86,8 +70,12 @@ fn sighup_leaves_the_gateway_serving() {
         assert!(st.success());
     }
     wait_until("both SIGHUPs counted", Duration::from_secs(10), || {
-        gw.metrics()
-            .contains("caregate_config_reloads_total{result=\"not_supported\"} 2")
+        gw.metrics().lines().any(|l| {
+            l.starts_with("caregate_config_reloads_total{")
+                && l.contains("outcome=\"applied\"")
+                && l.contains("trigger=\"signal\"")
+                && l.ends_with(" 2")
+        })
     });
     let r = get(addr(public), "/app/after-hup");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -95,7 +83,7 @@ fn sighup_leaves_the_gateway_serving() {
     assert!(
         gw.proc
             .log()
-            .contains("SIGHUP received: reload is not supported yet"),
+            .contains("config reloaded (signal): generation 3"),
         "{}",
         gw.proc.log()
     );

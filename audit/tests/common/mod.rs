@@ -83,6 +83,7 @@ pub fn record(i: u64) -> AuditRecord {
             pool: "fhir-primary".into(),
             zone: Some("zone-a".into()),
         }),
+        config: None,
     }
 }
 

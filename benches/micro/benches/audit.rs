@@ -56,6 +56,7 @@ fn record(ctx: &RequestCtx, phase: Phase, status: Option<u16>) -> AuditRecord {
             pool: "fhir".into(),
             zone: Some("zone-a".into()),
         }),
+        config: None,
     }
 }
 

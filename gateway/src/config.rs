@@ -636,6 +636,9 @@ pub fn validate_with(
     if c.server.max_exchange_memory_bytes < c.server.max_exchange_body_bytes {
         return err("server.max_exchange_memory_bytes: must be at least max_exchange_body_bytes");
     }
+    if c.server.watch_config_interval_ms.is_some_and(|ms| ms < 100) {
+        return err("server.watch_config_interval_ms: must be at least 100");
+    }
     if c.server.threads == 0 {
         return err("server.threads: must be at least 1");
     }
@@ -1230,6 +1233,29 @@ routes:
             e.starts_with("routes[0].filters[0] (plain): config.colour: unknown field `colour`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn lifecycle_settings_parse_and_a_busy_file_watch_is_refused() {
+        let l = load_str(MINIMAL, PathBuf::from(".")).unwrap();
+        assert_eq!(l.config.server.drain_delay_seconds, 5);
+        assert!(l.config.server.upgrade_sock.is_none() && l.config.server.pid_file.is_none());
+        let text = MINIMAL.replacen(
+            "listeners:",
+            "server: { drain_delay_seconds: 0, upgrade_sock: /run/cg.sock, pid_file: /run/cg.pid, watch_config_interval_ms: 500 }\nlisteners:",
+            1,
+        );
+        let l = load_str(&text, PathBuf::from(".")).unwrap();
+        assert_eq!(l.config.server.drain_delay_seconds, 0);
+        assert_eq!(l.config.server.watch_config_interval_ms, Some(500));
+        let e = error_of(load_str(
+            &text.replace(
+                "watch_config_interval_ms: 500",
+                "watch_config_interval_ms: 5",
+            ),
+            PathBuf::from("."),
+        ));
+        assert_eq!(e, "server.watch_config_interval_ms: must be at least 100");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use caregate_integration_tests::*;
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -521,4 +522,66 @@ routes: [ {{ name: r, listener: public, path_prefix: {prefix}, pool: a }} ]
         .any(|l| l.starts_with("caregate_config_reloads_total{")
             && l.contains("trigger=\"file\"")
             && l.contains("outcome=\"applied\"")));
+}
+
+#[test]
+fn a_request_keeps_the_config_it_started_with() {
+    // A backend that holds its answer to /slow until released.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (seen, released) = (seen.clone(), released.clone());
+                std::thread::spawn(move || {
+                    serve_scripted(stream, &seen, |_, w| {
+                        let _ = released.lock().unwrap().recv();
+                        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nslow-done")?;
+                        Ok(Next::Answered)
+                    })
+                });
+            }
+        });
+    }
+    let a = EchoServer::start("A");
+    let (public, admin) = (free_port(), free_port());
+    // Generation 1: /slow goes to the slow backend and its responses are marked `one`;
+    // generation 2: /slow's filter marks them `two`, and pool `s` names another backend.
+    let yaml = |generation: &str, backend: SocketAddr| {
+        format!(
+            r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+pools: [ {{ name: s, zones: [ {{ name: z1, backends: [ {{ address: "{backend}" }} ] }} ] }} ]
+routes:
+  - {{ name: slow, listener: public, path_prefix: /slow, pool: s,
+      filters: [ {{ kind: headers, config: {{ response: {{ set: {{ x-generation: "{generation}" }} }} }} }} ] }}
+"#
+        )
+    };
+    let gw = Gateway::start(&yaml("one", slow_addr), admin);
+    let slow = std::thread::spawn(move || get(addr(public), "/slow/x"));
+    wait_until(
+        "the slow request reaches its backend",
+        Duration::from_secs(10),
+        || !seen.lock().unwrap().is_empty(),
+    );
+    std::fs::write(&gw.config_path, yaml("two", a.addr)).unwrap();
+    let r = reload_via_admin(&gw);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // New requests get the new generation: its filter and its backend.
+    let r = get(addr(public), "/slow/y");
+    assert_eq!((r.status, r.header("x-generation")), (200, Some("two")));
+    assert_eq!(backend_of(&r), "A");
+    // The request in flight keeps the route, filters, pool and backend it started with.
+    release.send(()).unwrap();
+    let r = slow.join().unwrap();
+    assert_eq!((r.status, r.text()), (200, "slow-done".to_string()));
+    assert_eq!(r.header("x-generation"), Some("one"));
 }

@@ -179,12 +179,22 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
     }
     ev.insert("extension".into(), Value::Array(exts));
 
-    ev.insert(
-        "type".into(),
-        coding(EVENT_TYPE, "rest", "Restful Operation"),
-    );
-    if let Some(i) = &interaction {
-        ev.insert("subtype".into(), json!([coding(RESTFUL_INTERACTION, i, i)]));
+    if rec.phase == Phase::Admin {
+        // A change of the gateway's own configuration (a reload): DICOM's Security Alert,
+        // subtype Software Configuration, not a RESTful interaction.
+        ev.insert("type".into(), coding(DCM, "110113", "Security Alert"));
+        ev.insert(
+            "subtype".into(),
+            json!([coding(DCM, "110131", "Software Configuration")]),
+        );
+    } else {
+        ev.insert(
+            "type".into(),
+            coding(EVENT_TYPE, "rest", "Restful Operation"),
+        );
+        if let Some(i) = &interaction {
+            ev.insert("subtype".into(), json!([coding(RESTFUL_INTERACTION, i, i)]));
+        }
     }
     ev.insert("action".into(), json!(action));
     ev.insert("recorded".into(), json!(rec.time));

@@ -457,3 +457,28 @@ fn audit_events_pass_the_fhir_r4_schema_when_the_peer_is_installed() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert_eq!(stdout.trim(), "OK 10", "{stderr}");
 }
+
+#[test]
+fn a_config_reload_is_a_security_alert_of_software_configuration() {
+    let mut rec = AuditRecord {
+        time: "2026-12-06T14:20:00.223Z".into(),
+        request_id: "config-reload-2".into(),
+        phase: Phase::Admin,
+        ..Default::default()
+    };
+    rec.actor.subject = Some("admin-api".into());
+    rec.action.method = "RELOAD".into();
+    rec.action.interaction = Some("config-reload".into());
+    rec.outcome = Outcome {
+        status: Some(200),
+        reason: Some("applied".into()),
+        ..Default::default()
+    };
+    let ev = to_fhir_audit_event(&rec);
+    assert_eq!(ev["type"]["system"], DCM);
+    assert_eq!(ev["type"]["code"], "110113");
+    assert_eq!(ev["subtype"][0]["system"], DCM);
+    assert_eq!(ev["subtype"][0]["code"], "110131");
+    assert_eq!(ev["outcome"], "0");
+    assert_eq!(ext(&ev, "phase").unwrap()["valueCode"], "admin");
+}

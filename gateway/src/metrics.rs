@@ -21,8 +21,8 @@ const BUCKETS: &[f64] = &[
 pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "caregate_requests_total",
-        "Requests answered, by listener, route, method and status class.",
-        &["listener", "route", "method", "status_class"]
+        "Requests answered, by listener, route, method, status class and exact status code (a bounded set; other codes are `other`, no response is `none`).",
+        &["listener", "route", "method", "status_class", "code"]
     )
     .expect("register caregate_requests_total")
 });
@@ -128,6 +128,36 @@ pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
 });
 
 #[allow(clippy::expect_used)]
+pub static REQUEST_BODY_BYTES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_request_body_bytes_total",
+        "Request body bytes read from clients, by listener and route.",
+        &["listener", "route"]
+    )
+    .expect("register caregate_request_body_bytes_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static RESPONSE_BODY_BYTES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_response_body_bytes_total",
+        "Response body bytes sent to clients, by listener and route.",
+        &["listener", "route"]
+    )
+    .expect("register caregate_response_body_bytes_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "caregate_build_info",
+        "Always 1; the labels name the running build: version, and the optional features built in.",
+        &["version", "features"]
+    )
+    .expect("register caregate_build_info")
+});
+
+#[allow(clippy::expect_used)]
 pub static CONFIG_GENERATION: Lazy<prometheus::IntGauge> = Lazy::new(|| {
     prometheus::register_int_gauge!(
         "caregate_config_generation",
@@ -166,7 +196,21 @@ pub fn init() {
     Lazy::force(&CONFIG_RELOADS);
     Lazy::force(&IN_FLIGHT);
     Lazy::force(&DRAINING);
+    Lazy::force(&REQUEST_BODY_BYTES);
+    Lazy::force(&RESPONSE_BODY_BYTES);
     CONFIG_GENERATION.set(1);
+    let features = if cfg!(feature = "otlp") { "otlp" } else { "" };
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), features])
+        .set(1);
+    // CPU, memory and file descriptors of the process (`process_*`, Linux).
+    static PROCESS: std::sync::Once = std::sync::Once::new();
+    PROCESS.call_once(|| {
+        let c = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = prometheus::register(Box::new(c)) {
+            log::warn!("process metrics unavailable: {e}");
+        }
+    });
 }
 
 /// The audit metrics, registered only when an audit sink is configured.
@@ -187,6 +231,55 @@ pub fn method_label(m: &str) -> &'static str {
         "DELETE" => "DELETE",
         "OPTIONS" => "OPTIONS",
         _ => "OTHER",
+    }
+}
+
+/// The `code` label: the status codes a gateway and its backends commonly answer, each its own
+/// value; any other code is `other` (so the label stays bounded); no response is `none`.
+pub fn status_code(status: u16) -> &'static str {
+    match status {
+        0 => "none",
+        100 => "100",
+        101 => "101",
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        303 => "303",
+        304 => "304",
+        307 => "307",
+        308 => "308",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        406 => "406",
+        408 => "408",
+        409 => "409",
+        410 => "410",
+        411 => "411",
+        412 => "412",
+        413 => "413",
+        414 => "414",
+        415 => "415",
+        416 => "416",
+        421 => "421",
+        422 => "422",
+        428 => "428",
+        429 => "429",
+        431 => "431",
+        451 => "451",
+        500 => "500",
+        501 => "501",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        505 => "505",
+        _ => "other",
     }
 }
 

@@ -1134,8 +1134,15 @@ impl ProxyHttp for Gateway {
                 route,
                 method,
                 metrics::status_class(status),
+                metrics::status_code(status),
             ])
             .inc();
+        metrics::REQUEST_BODY_BYTES
+            .with_label_values(&[&*ctx.req.listener, route])
+            .inc_by(session.body_bytes_read() as u64);
+        metrics::RESPONSE_BODY_BYTES
+            .with_label_values(&[&*ctx.req.listener, route])
+            .inc_by(session.body_bytes_sent() as u64);
         metrics::REQUEST_DURATION
             .with_label_values(&[&*ctx.req.listener, route])
             .observe(ctx.req.started.elapsed().as_secs_f64());

@@ -104,4 +104,24 @@ routes:
             "{n} is used by the dashboard or the alert rules but /metrics does not export it"
         );
     }
+    // What operators expect beyond the dashboard: exact codes, body bytes, the build, the
+    // process.
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(metrics.contains("code=\"401\""), "{metrics}");
+    assert!(value("caregate_response_body_bytes_total{") > 0.0);
+    let build = format!("version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("caregate_build_info{features=") && l.ends_with(&build)),
+        "{metrics}"
+    );
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") > 0.0);
 }

@@ -392,7 +392,7 @@ fn routing_channels_hygiene_and_errors() {
     assert!(m.contains(
         r#"caregate_filter_decisions_total{filter="cors",reason="cors_denied",result="deny"}"#
     ));
-    assert!(m.contains(r#"caregate_requests_total{listener="public",method="GET",route="patient-fhir",status_class="2xx"}"#));
+    assert!(m.contains(r#"caregate_requests_total{code="200",listener="public",method="GET",route="patient-fhir",status_class="2xx"}"#));
     // No raw path or query value in any label.
     assert!(!m.contains("Patient/1"));
     assert!(!m.contains("evil.example"));

@@ -72,6 +72,15 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl AdminApp {
+    /// Every pool is without a backend (its names never resolved).
+    fn no_backend(&self) -> bool {
+        let g = self.live.load();
+        !g.pools.is_empty()
+            && g.pools
+                .iter()
+                .all(|p| p.zones.iter().all(|z| z.backend_count() == 0))
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
         let generation = self.live.load();
         let Some(token) = generation
@@ -108,6 +117,11 @@ impl ServeHttp for AdminApp {
                     plain(
                         503,
                         "not ready: upstream health checks have not completed\n",
+                    )
+                } else if self.no_backend() {
+                    plain(
+                        503,
+                        "not ready: no pool has a backend (every backend name is unresolved)\n",
                     )
                 } else if self.audit.as_ref().map(|a| !a.healthy()).unwrap_or(false) {
                     plain(503, "not ready: the audit sink is failing\n")

@@ -47,6 +47,105 @@ pub struct Config {
     /// Span export over OTLP/HTTP (needs the `otlp` cargo feature).
     #[serde(default)]
     pub otlp: Option<crate::otlp::OtlpConfig>,
+    /// How backend names (`address: ehr.internal:443`) are resolved.
+    #[serde(default)]
+    pub resolver: ResolverSettings,
+}
+
+/// The resolver of backend names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverSettings {
+    /// DNS servers (`ip:port`) to ask, over UDP (TCP for long answers). Empty: the system's
+    /// resolver (`getaddrinfo`: `/etc/hosts`, `/etc/resolv.conf`, ...), which gives no TTL.
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+    /// Re-resolve a name at least this often (and at most for as long as the record's TTL).
+    #[serde(default = "default_dns_refresh")]
+    pub refresh_ms: u64,
+    /// Never re-resolve more often than this, whatever the TTL.
+    #[serde(default = "default_dns_min_ttl")]
+    pub min_ttl_ms: u64,
+    /// Timeout of one query.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl Default for ResolverSettings {
+    fn default() -> Self {
+        ResolverSettings {
+            servers: Vec::new(),
+            refresh_ms: default_dns_refresh(),
+            min_ttl_ms: default_dns_min_ttl(),
+            timeout_ms: default_dns_timeout(),
+        }
+    }
+}
+
+fn default_dns_refresh() -> u64 {
+    30_000
+}
+fn default_dns_min_ttl() -> u64 {
+    1_000
+}
+fn default_dns_timeout() -> u64 {
+    2_000
+}
+
+/// A backend's address: `ip:port`, or `name:port` resolved through the resolver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddress {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAddress::Ip(a) => write!(f, "{a}"),
+            BackendAddress::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for BackendAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(BackendAddress::Ip(a));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not ip:port or name:port"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("`{s}`: the port must be 1 to 65535"))?;
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(format!("`{s}`: `{host}` is not a valid host name"));
+        }
+        if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!("`{s}` is not a valid IP address"));
+        }
+        Ok(BackendAddress::Name { host, port })
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,6 +369,20 @@ pub struct PoolConfig {
     pub max_attempts: usize,
 }
 
+impl PoolConfig {
+    /// The host name of the pool's first backend given by name: the default SNI and upstream
+    /// `Host` of the pool.
+    pub fn backend_name(&self) -> Option<&str> {
+        self.zones
+            .iter()
+            .flat_map(|z| &z.backends)
+            .find_map(|b| match &b.address {
+                Some(BackendAddress::Name { host, .. }) => Some(host.as_str()),
+                _ => None,
+            })
+    }
+}
+
 fn default_attempts() -> usize {
     3
 }
@@ -284,9 +397,11 @@ pub struct ZoneConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// `ip:port` of the backend (no host names: Pingora resolves on the worker thread).
+    /// `ip:port` of the backend, or `name:port`: resolved through `resolver`, again on the
+    /// record's TTL or `resolver.refresh_ms`; every address of the answer is a backend of the
+    /// zone, and the last good answer is kept while DNS fails.
     #[serde(default)]
-    pub address: Option<SocketAddr>,
+    pub address: Option<BackendAddress>,
     /// Or the name of a built-in `sandboxes` entry.
     #[serde(default)]
     pub sandbox: Option<String>,
@@ -397,7 +512,9 @@ fn default_idle_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
-    /// SNI and the name the backend certificate must carry.
+    /// SNI and the name the backend certificate must carry. Default: the pool's backend name,
+    /// when its backends are given by name.
+    #[serde(default)]
     pub sni: String,
     /// CA bundle that signs the backends' certificates (default: the system store).
     #[serde(default)]
@@ -636,6 +753,12 @@ pub fn validate_with(
     if c.server.max_exchange_memory_bytes < c.server.max_exchange_body_bytes {
         return err("server.max_exchange_memory_bytes: must be at least max_exchange_body_bytes");
     }
+    if c.resolver.refresh_ms < 100 || c.resolver.min_ttl_ms > c.resolver.refresh_ms {
+        return err("resolver: refresh_ms must be at least 100 and at least min_ttl_ms");
+    }
+    if c.resolver.timeout_ms == 0 {
+        return err("resolver.timeout_ms: must be positive");
+    }
     if c.server.watch_config_interval_ms.is_some_and(|ms| ms < 100) {
         return err("server.watch_config_interval_ms: must be at least 100");
     }
@@ -738,7 +861,7 @@ pub fn validate_with(
             return err(format!("{at}.timeouts: every timeout must be positive"));
         }
         if let Some(tls) = &p.tls {
-            if tls.sni.trim().is_empty() {
+            if tls.sni.trim().is_empty() && p.backend_name().is_none() {
                 // Pingora turns certificate verification off for an empty SNI.
                 return err(format!("{at}.tls.sni: must name the backend's certificate"));
             }

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod confinement;
+pub mod dns;
 pub mod errors;
 pub mod exchange;
 pub mod hygiene;

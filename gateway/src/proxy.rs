@@ -566,6 +566,15 @@ impl Gateway {
         let uri = http::Uri::try_from(uri.as_str())
             .map_err(|_| Error::explain(ErrorType::InternalError, "upstream uri"))?;
         upstream_request.set_uri(uri);
+        // Backends given by name get their own name as `Host` (the client's is in
+        // `X-Forwarded-Host`).
+        if let Some(h) = ctx
+            .pool
+            .and_then(|p| ctx.gen.pools.get(p))
+            .and_then(|p| p.host_header.as_deref())
+        {
+            upstream_request.insert_header(header::HOST, h)?;
+        }
         set_identity_headers(upstream_request, &ctx.req)?;
         if let Some(t) = &ctx.trace {
             upstream_request.insert_header("traceparent", t.traceparent())?;

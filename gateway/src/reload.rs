@@ -83,7 +83,8 @@ impl Generation {
         previous: Option<&Generation>,
     ) -> Result<(Generation, Vec<Arc<Pool>>), String> {
         let cfg = &loaded.config;
-        let fresh = build_pools(&loaded)?;
+        let dns = Arc::new(crate::dns::Dns::new(&cfg.resolver));
+        let fresh = build_pools(&loaded, &dns)?;
         let mut pools = Vec::with_capacity(fresh.len());
         let mut new_pools = Vec::new();
         for (i, pool) in fresh.into_iter().enumerate() {
@@ -95,9 +96,10 @@ impl Generation {
                     .iter()
                     .enumerate()
                     .find(|(_, o)| o.name == pc.name)?;
-                (format!("{old:?}") == format!("{pc:?}"))
-                    .then(|| p.pools.get(j).cloned())
-                    .flatten()
+                (format!("{old:?}") == format!("{pc:?}")
+                    && format!("{:?}", p.config.resolver) == format!("{:?}", cfg.resolver))
+                .then(|| p.pools.get(j).cloned())
+                .flatten()
             });
             match kept {
                 Some(old) => pools.push(old),

@@ -7,11 +7,11 @@
 //! publishes `caregate_upstream_backend_healthy` and tells `/readyz` when every pool has had its
 //! first pass.
 
-use crate::config::{Loaded, PoolConfig};
+use crate::config::{BackendAddress, Loaded, PoolConfig};
+use crate::dns::{Dns, NamedBackend, ZoneDiscovery};
 use crate::metrics;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::lb::discovery::Static;
 use pingora::lb::health_check::HttpHealthCheck;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Backends, LoadBalancer};
@@ -30,7 +30,16 @@ use std::time::Duration;
 pub struct Zone {
     pub name: Arc<str>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
-    pub backends: Vec<SocketAddr>,
+    /// The `backend` labels of the health series this zone has set (its current backends, which
+    /// change with DNS answers).
+    pub labels: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl Zone {
+    /// The zone's current backends (fixed addresses and resolved names).
+    pub fn backend_count(&self) -> usize {
+        self.lb.backends().get_backend().len()
+    }
 }
 
 pub struct PeerTls {
@@ -48,6 +57,9 @@ pub struct Pool {
     pub health_interval: Duration,
     /// Health passes needed before a backend's state is settled.
     pub settle_passes: usize,
+    /// The `Host` sent upstream when the backends are given by name (the name, with the port
+    /// unless it is the scheme's default); `None` keeps the client's `Host`.
+    pub host_header: Option<String>,
     /// Turns true when a reload retires the pool: its health checks stop.
     retired: tokio::sync::watch::Sender<bool>,
 }
@@ -67,7 +79,7 @@ impl Pool {
     /// Like [`Pool::pick`], starting at zone `first_zone`.
     pub fn pick_from(&self, tried: &[SocketAddr], first_zone: usize) -> Option<Pick> {
         for (zi, zone) in self.zones.iter().enumerate().skip(first_zone) {
-            let iterations = zone.backends.len().max(1) * 2;
+            let iterations = zone.backend_count().max(1) * 2;
             let found = zone.lb.select_with(b"", iterations, |b, healthy| {
                 healthy
                     && b.addr
@@ -130,7 +142,7 @@ fn read_key(path: &std::path::Path) -> Result<PKey<Private>, String> {
         .map_err(|_| format!("{}: not a PEM private key", path.display()))
 }
 
-fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
+fn build_pool(loaded: &Loaded, pc: &PoolConfig, dns: &Arc<Dns>) -> Result<Pool, String> {
     let sandbox_addr = |name: &str| {
         loaded
             .config
@@ -157,7 +169,11 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
                 _ => None,
             };
             Some(PeerTls {
-                sni: t.sni.clone(),
+                sni: if t.sni.trim().is_empty() {
+                    pc.backend_name().unwrap_or_default().to_string()
+                } else {
+                    t.sni.clone()
+                },
                 ca,
                 client,
             })
@@ -165,12 +181,21 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
     };
     let hc_conf = &pc.health_check;
     let mut zones = Vec::new();
+    let pool_name: Arc<str> = Arc::from(pc.name.as_str());
     for zc in &pc.zones {
         let mut set = BTreeSet::new();
-        let mut addrs = Vec::new();
+        let mut names = Vec::new();
         for b in &zc.backends {
             let addr = match (&b.address, &b.sandbox) {
-                (Some(a), _) => *a,
+                (Some(BackendAddress::Ip(a)), _) => *a,
+                (Some(BackendAddress::Name { host, port }), _) => {
+                    names.push(NamedBackend {
+                        host: host.clone(),
+                        port: *port,
+                        weight: b.weight,
+                    });
+                    continue;
+                }
                 (None, Some(name)) => sandbox_addr(name)
                     .ok_or_else(|| format!("pool {}: no sandbox named {name}", pc.name))?,
                 (None, None) => return Err(format!("pool {}: backend without address", pc.name)),
@@ -178,9 +203,14 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
             let backend = Backend::new_with_weight(&addr.to_string(), b.weight)
                 .map_err(|e| format!("pool {}: backend {addr}: {e}", pc.name))?;
             set.insert(backend);
-            addrs.push(addr);
         }
-        let backends = Backends::new(Static::new(set));
+        let backends = Backends::new(Box::new(ZoneDiscovery::new(
+            pool_name.clone(),
+            Arc::from(zc.name.as_str()),
+            set,
+            names,
+            dns.clone(),
+        )));
         let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
 
         let mut hc = HttpHealthCheck::new(&hc_conf.host, tls.is_some());
@@ -218,11 +248,26 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
         zones.push(Zone {
             name: Arc::from(zc.name.as_str()),
             lb: Arc::new(lb),
-            backends: addrs,
+            labels: std::sync::Mutex::new(BTreeSet::new()),
         });
     }
+    let host_header = pc.backend_name().map(|h| {
+        let port = pc
+            .zones
+            .iter()
+            .flat_map(|z| &z.backends)
+            .find_map(|b| match &b.address {
+                Some(BackendAddress::Name { port, .. }) => Some(*port),
+                _ => None,
+            });
+        match (port, tls.is_some()) {
+            (Some(443), true) | (Some(80), false) | (None, _) => h.to_string(),
+            (Some(p), _) => format!("{h}:{p}"),
+        }
+    });
     Ok(Pool {
-        name: Arc::from(pc.name.as_str()),
+        name: pool_name,
+        host_header,
         zones,
         max_attempts: pc.max_attempts,
         timeouts: pc.timeouts.clone(),
@@ -233,13 +278,13 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig) -> Result<Pool, String> {
     })
 }
 
-/// Build every pool of the config (in config order).
-pub fn build_pools(loaded: &Loaded) -> Result<Vec<Arc<Pool>>, String> {
+/// Build every pool of the config (in config order), resolving names through `dns`.
+pub fn build_pools(loaded: &Loaded, dns: &Arc<Dns>) -> Result<Vec<Arc<Pool>>, String> {
     loaded
         .config
         .pools
         .iter()
-        .map(|pc| build_pool(loaded, pc).map(Arc::new))
+        .map(|pc| build_pool(loaded, pc, dns).map(Arc::new))
         .collect()
 }
 
@@ -276,13 +321,21 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
         // pool that replaced it.
         return;
     }
+    let mut now = BTreeSet::new();
     for b in zone.lb.backends().get_backend().iter() {
         let healthy = zone.lb.backends().ready(b);
         let label = b.addr.to_string();
         metrics::BACKEND_HEALTHY
             .with_label_values(&[&*pool.name, &*zone.name, label.as_str()])
             .set(i64::from(healthy));
+        now.insert(label);
     }
+    // Backends a DNS answer no longer names: their series go.
+    let mut labels = zone.labels.lock().unwrap_or_else(|e| e.into_inner());
+    for gone in labels.difference(&now) {
+        let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[&*pool.name, &*zone.name, gone]);
+    }
+    *labels = now;
 }
 
 impl Pool {
@@ -291,18 +344,23 @@ impl Pool {
     pub fn retire(&self, successors: &[Arc<Pool>]) {
         let _ = self.retired.send(true);
         for zone in &self.zones {
-            for b in &zone.backends {
+            let labels = zone.labels.lock().unwrap_or_else(|e| e.into_inner());
+            for b in labels.iter() {
                 let kept = successors.iter().any(|p| {
                     p.name == self.name
-                        && p.zones
-                            .iter()
-                            .any(|z| z.name == zone.name && z.backends.contains(b))
+                        && p.zones.iter().any(|z| {
+                            z.name == zone.name
+                                && z.labels
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .contains(b)
+                        })
                 });
                 if !kept {
                     let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[
                         &*self.name,
                         &*zone.name,
-                        b.to_string().as_str(),
+                        b.as_str(),
                     ]);
                 }
             }

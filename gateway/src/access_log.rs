@@ -51,6 +51,15 @@ fn d_queue() -> usize {
     65_536
 }
 
+/// Flipped to ask every access-log writer to reopen its file.
+static REOPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ask the access log to reopen its file (after a rotation by rename): on `SIGUSR1` and at every
+/// reload. It happens within a second.
+pub fn reopen() {
+    REOPEN.fetch_xor(true, Ordering::AcqRel);
+}
+
 /// The writer's end of the queue. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
@@ -70,25 +79,51 @@ impl AccessLog {
             return Ok(None);
         }
         Lazy::force(&DROPPED);
-        let mut out: Box<dyn Write + Send> = match &cfg.path {
-            Some(p) => {
-                let p = resolve(p);
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .map_err(|e| format!("access log {}: {e}", p.display()))?;
-                Box::new(std::io::BufWriter::new(f))
-            }
+        let path = cfg.path.as_ref().map(|p| resolve(p));
+        let open = |p: &PathBuf| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(|f| Box::new(std::io::BufWriter::new(f)) as Box<dyn Write + Send>)
+        };
+        let mut out: Box<dyn Write + Send> = match &path {
+            Some(p) => open(p).map_err(|e| format!("access log {}: {e}", p.display()))?,
             None => Box::new(std::io::BufWriter::new(std::io::stdout())),
         };
+        let mut seen_reopen = REOPEN.load(Ordering::Acquire);
         let (tx, rx) = sync_channel::<String>(cfg.queue_capacity.max(1));
         let progress = std::sync::Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let written = progress.clone();
         std::thread::Builder::new()
             .name("caregate-access-log".into())
             .spawn(move || {
-                while let Ok(line) = rx.recv() {
+                loop {
+                    // Reopen the file when asked (log rotation by rename, then SIGUSR1 or a
+                    // reload), checked at least every second even without traffic.
+                    let line = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Ok(l) => Some(l),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
+                    let asked = REOPEN.load(Ordering::Acquire);
+                    if asked != seen_reopen {
+                        seen_reopen = asked;
+                        if let Some(p) = &path {
+                            let _ = out.flush();
+                            match open(p) {
+                                Ok(f) => {
+                                    out = f;
+                                    log::info!("access log reopened");
+                                }
+                                Err(e) => log::error!(
+                                    "access log {}: cannot reopen: {e}; writing to the old file",
+                                    p.display()
+                                ),
+                            }
+                        }
+                    }
+                    let Some(line) = line else { continue };
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
                     let mut n = 1;

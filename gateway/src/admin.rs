@@ -142,6 +142,15 @@ impl ServeHttp for AdminApp {
             return r;
         }
         if method == http::Method::GET && path == "/metrics" {
+            let listeners: Vec<(String, u16)> = self
+                .live
+                .load()
+                .config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.listen.port()))
+                .collect();
+            crate::metrics::sample_connections(&listeners);
             let encoder = TextEncoder::new();
             let mut buf = Vec::new();
             return match encoder.encode(&prometheus::gather(), &mut buf) {

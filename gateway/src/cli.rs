@@ -274,6 +274,11 @@ impl App {
             Command::Audit {
                 command: AuditCommand::Verify { file, key_env },
             } => self.audit_verify(&file, &key_env),
+            Command::Health {
+                admin,
+                config,
+                ready,
+            } => self.health(admin, config.as_deref(), ready),
         }
     }
 
@@ -333,6 +338,7 @@ impl App {
                 return ExitCode::from(1);
             }
         };
+        crate::logging::configure(&loaded.config.log);
         // Start whole or not at all: every listen address must be free before anything starts.
         // On a graceful upgrade the old process holds them and hands them over.
         if !upgrade {
@@ -511,6 +517,183 @@ impl App {
             }
         })
     }
+
+    /// `health`: one plain-HTTP GET of `/healthz` (or `/readyz`) on the admin listener, within
+    /// 2 s. Exit 0 on a 200; 1 with a one-line reason on stderr otherwise (no answer, another
+    /// status, an unreadable config). Address: `admin`, else `admin.listen` of the config file
+    /// (read for that key only, so a probe needs none of the config's secrets), else
+    /// 127.0.0.1:9901. An unspecified address (`0.0.0.0`, `::`) is probed on loopback.
+    fn health(&self, admin: Option<SocketAddr>, config: Option<&Path>, ready: bool) -> ExitCode {
+        use std::io::{Read, Write};
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+        use std::time::{Duration, Instant};
+
+        const DEFAULT_CONFIG: &str = "/etc/caregate/caregate.yaml";
+        const LIMIT: Duration = Duration::from_secs(2);
+        const MAX_ANSWER: usize = 16 * 1024;
+
+        // `admin.listen` (and whether `admin.tls` is set) from the config's YAML, without the
+        // rest of the config's checks or its `${...}` secrets.
+        fn from_config(path: Option<&Path>) -> Result<SocketAddr, String> {
+            let default = SocketAddr::from(([127, 0, 0, 1], 9901));
+            let path = match path {
+                Some(p) => p,
+                None if Path::new(DEFAULT_CONFIG).is_file() => Path::new(DEFAULT_CONFIG),
+                None => return Ok(default),
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+                .map_err(|e| format!("{}: not YAML: {e}", path.display()))?;
+            let admin = doc.get("admin").filter(|a| !a.is_null());
+            if admin
+                .and_then(|a| a.get("tls"))
+                .is_some_and(|t| !t.is_null())
+            {
+                return Err(format!(
+                    "{}: admin.tls is set, and `health` speaks plain HTTP only: probe a plain \
+                     admin listener (see docs/operations.md, Deployment)",
+                    path.display()
+                ));
+            }
+            let Some(listen) = admin.and_then(|a| a.get("listen")).filter(|l| !l.is_null()) else {
+                return Ok(default);
+            };
+            let Some(listen) = listen.as_str() else {
+                return Err(format!(
+                    "{}: admin.listen: not an IP:PORT string",
+                    path.display()
+                ));
+            };
+            let listen = config::substitute_env(listen, |n| std::env::var(n).ok())
+                .map_err(|e| format!("{}: admin.listen: {e}", path.display()))?;
+            listen.trim().parse().map_err(|e| {
+                format!(
+                    "{}: admin.listen: `{listen}` is not an IP:PORT address: {e}",
+                    path.display()
+                )
+            })
+        }
+
+        // The status code and the first line of the body (the reason of a 503), once the whole
+        // answer (or MAX_ANSWER bytes of it) is in.
+        fn probe(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+            let deadline = Instant::now() + LIMIT;
+            let left = || {
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            };
+            let timed_out = |e: std::io::Error| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no answer within {} s", LIMIT.as_secs())
+                }
+                _ => e.to_string(),
+            };
+            let mut stream = TcpStream::connect_timeout(&addr, LIMIT)
+                .map_err(|e| format!("cannot connect: {}", timed_out(e)))?;
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: caregate-health\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            stream
+                .set_write_timeout(Some(left()))
+                .and_then(|()| stream.write_all(request.as_bytes()))
+                .map_err(|e| format!("cannot send the request: {}", timed_out(e)))?;
+            let mut answer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                if Instant::now() >= deadline {
+                    return Err(format!("no whole answer within {} s", LIMIT.as_secs()));
+                }
+                stream
+                    .set_read_timeout(Some(left()))
+                    .map_err(|e| e.to_string())?;
+                let n = stream.read(&mut chunk).map_err(timed_out)?;
+                answer.extend_from_slice(&chunk[..n.min(chunk.len())]);
+                if n == 0 || answer.len() >= MAX_ANSWER {
+                    break;
+                }
+                // Done when the head and Content-Length bytes of body are in, even if the
+                // server keeps the connection open.
+                let text = String::from_utf8_lossy(&answer);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())
+                            .flatten()
+                    });
+                    if length.is_some_and(|len| body.len() >= len) {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&answer);
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status_line = head.lines().next().unwrap_or("");
+            let status = status_line
+                .strip_prefix("HTTP/1.")
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|code| code.parse::<u16>().ok())
+                .ok_or_else(|| {
+                    if answer.is_empty() {
+                        "the connection closed without an answer".to_string()
+                    } else {
+                        "the answer is not HTTP/1.x".to_string()
+                    }
+                })?;
+            let chunked = head.lines().any(|l| {
+                l.split_once(':').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("transfer-encoding")
+                        && v.to_ascii_lowercase().contains("chunked")
+                })
+            });
+            let mut lines = body.lines().map(str::trim).filter(|l| !l.is_empty());
+            if chunked {
+                lines.next(); // the first chunk's size
+            }
+            let reason: String = lines
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            Ok((status, reason))
+        }
+
+        let name = self.name;
+        let path = if ready { "/readyz" } else { "/healthz" };
+        let mut addr = match admin.map_or_else(|| from_config(config), Ok) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{name} health: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        match probe(addr, path) {
+            Ok((200, reason)) => {
+                println!("http://{addr}{path}: 200 {reason}");
+                ExitCode::SUCCESS
+            }
+            Ok((status, reason)) => {
+                eprintln!("{name} health: http://{addr}{path}: {status} {reason}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("{name} health: http://{addr}{path}: {e}");
+                ExitCode::from(1)
+            }
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -565,6 +748,23 @@ enum Command {
         #[arg(long)]
         base_url: Option<String>,
     },
+    /// Probe a running gateway's admin listener over plain HTTP: `GET /healthz` (or `/readyz`
+    /// with `--ready`). Exit 0 on a 200, 1 otherwise with the reason on stderr. For container
+    /// health checks and Kubernetes exec probes, which work with the admin listener on
+    /// loopback. An admin listener with TLS cannot be probed this way.
+    Health {
+        /// The admin listener's address (IP:PORT). Default: `admin.listen` of the config file.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<SocketAddr>,
+        /// The gateway's config file, read for `admin.listen` only (nothing else is checked).
+        /// Default: /etc/caregate/caregate.yaml when that file exists, else the admin
+        /// listener's default address, 127.0.0.1:9901.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (alive).
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -584,8 +784,7 @@ enum AuditCommand {
 }
 
 fn init_logging() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .try_init();
+    crate::logging::init();
 }
 
 /// Why `--daemon` is refused: Pingora forks inside `run`, after the gateway has started its

@@ -50,6 +50,9 @@ pub struct Config {
     /// How backend names (`address: ehr.internal:443`) are resolved.
     #[serde(default)]
     pub resolver: ResolverSettings,
+    /// The error log's level and format (reloadable).
+    #[serde(default)]
+    pub log: crate::logging::LogSettings,
 }
 
 /// The resolver of backend names.

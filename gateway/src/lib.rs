@@ -30,6 +30,7 @@ pub mod errors;
 pub mod exchange;
 pub mod hygiene;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod otlp;
 pub mod proxy;

@@ -12,6 +12,7 @@
 //!   its segment and the new process continues the chain in a new one, see `caregate-audit`),
 //!   then the listening sockets go to the new process over `server.upgrade_sock`, then this
 //!   process drains as on `SIGTERM` (without the delay: the sockets keep being served).
+//! - `SIGUSR1` reopens the access log file (rotation by rename, without copytruncate).
 //! - `SIGINT` stops at once.
 //! - Before anything is reported, every listen address (the listeners, the admin listener and
 //!   built-in sandboxes) is bound once, so a port that is taken is a fatal start-up error with
@@ -67,11 +68,11 @@ impl Drop for InFlight {
 /// Catch `SIGHUP` from now on, so it cannot end the process before the signal watch runs.
 /// The flag it sets is not read: [`GatewaySignals`] handles each `SIGHUP` once it runs.
 pub fn catch_sighup_early() -> std::io::Result<()> {
-    signal_hook::flag::register(
-        signal_hook::consts::SIGHUP,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .map(|_| ())
+    // SIGUSR1 (reopen the access log) too: its default action would end the process.
+    for sig in [signal_hook::consts::SIGHUP, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
+    }
+    Ok(())
 }
 
 /// What the process must close before it exits, once: the audit trail (its final, sealing
@@ -146,11 +147,12 @@ pub struct GatewaySignals {
 #[async_trait::async_trait]
 impl ShutdownSignalWatch for GatewaySignals {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut quit), Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut quit), Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
             signal(SignalKind::quit()),
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
         ) else {
             log::error!("cannot install the signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
@@ -183,6 +185,10 @@ impl ShutdownSignalWatch for GatewaySignals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = usr1.recv() => {
+                    log::info!("SIGUSR1 received: reopening the access log");
+                    crate::access_log::reopen();
+                }
                 _ = hup.recv() => {
                     match &self.reloader {
                         Some(r) => {

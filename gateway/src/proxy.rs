@@ -768,6 +768,13 @@ impl Gateway {
             "backend": backend,
             "attempts": ctx.attempts,
             "bytes_sent": session.body_bytes_sent(),
+            // The OAuth client (app) of a verified token: which app calls, never who.
+            "client_id": ctx
+                .req
+                .facts
+                .get::<Principal>()
+                .and_then(|p| p.client_id.as_deref())
+                .map(|c| c.chars().take(128).collect::<String>()),
         })
         .to_string()
     }

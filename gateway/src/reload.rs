@@ -414,6 +414,8 @@ impl Reloader {
             crate::upstream::spawn_health(pool.clone());
         }
         let generation = Arc::new(generation);
+        crate::logging::configure(&generation.config.log);
+        crate::access_log::reopen();
         let old = self.live.swap(generation.clone());
         old.retire();
         for pool in old.pools.iter() {

@@ -124,4 +124,16 @@ routes:
     );
     assert!(value("process_resident_memory_bytes") > 1e6);
     assert!(value("process_open_fds") > 0.0);
+    // Three client connections held open are seen on the public listener.
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(p).unwrap())
+        .collect();
+    let open = gw
+        .metrics()
+        .lines()
+        .find(|l| l.starts_with("caregate_listener_connections{listener=\"public\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(open >= 3.0, "{open} connections seen");
+    drop(held);
 }

@@ -175,5 +175,6 @@ routes: [ {{ name: ehr, listener: public, path_prefix: /ehr, pool: ehr }} ]
 
     assert!(edge
         .metrics()
-        .contains("caregate_requests_total{listener=\"public\""));
+        .lines()
+        .any(|l| l.starts_with("caregate_requests_total{") && l.contains("listener=\"public\"")));
 }

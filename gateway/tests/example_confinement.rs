@@ -54,7 +54,27 @@ fn conf_examples() -> Vec<Example> {
         }
     }
     out.sort_by(|a, b| a.source.cmp(&b.source));
+    out.push(deploy_config());
     out
+}
+
+/// The caregate.yaml embedded in the Kubernetes ConfigMap (deploy/kubernetes/configmap.yaml).
+fn deploy_config() -> Example {
+    let source = "deploy/kubernetes/configmap.yaml";
+    let text = read(&repo_root().join(source));
+    let start = text
+        .find("  caregate.yaml: |\n")
+        .unwrap_or_else(|| panic!("{source}: no caregate.yaml key"));
+    let body: Vec<&str> = text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect();
+    Example {
+        source: format!("{source} (caregate.yaml)"),
+        text: body.join("\n"),
+    }
 }
 
 /// The ```yaml (or ```yml) fenced blocks of a Markdown text, with the line of their opening fence.
@@ -124,7 +144,16 @@ fn markdown_examples() -> Vec<Example> {
 
 /// Parse an example with every `${VAR}` replaced by a placeholder (long enough for a key).
 fn parse_example(text: &str) -> Result<Config, ConfigError> {
-    let text = substitute_env(text, |name| {
+    // `${file:/path}` secrets: a placeholder too (the files exist only where it is deployed).
+    let mut text = text.to_string();
+    while let Some(at) = text.find("${file:") {
+        let end = text[at..].find('}').map_or(text.len(), |e| at + e + 1);
+        text.replace_range(
+            at..end,
+            "placeholder-for-a-secret-file-of-at-least-32-bytes",
+        );
+    }
+    let text = substitute_env(&text, |name| {
         Some(format!("placeholder-for-{name}-of-at-least-32-bytes"))
     })?;
     // `parse` substitutes again; keep a literal `${` (written `$${`) literal.
@@ -175,7 +204,11 @@ fn every_example_confines_its_patient_routes() {
         "config files under conf/ that do not parse:\n{}",
         broken.join("\n")
     );
-    for must in ["conf/demo.yaml", "conf/caregate.example.yaml"] {
+    for must in [
+        "conf/demo.yaml",
+        "conf/caregate.example.yaml",
+        "deploy/kubernetes/configmap.yaml (caregate.yaml)",
+    ] {
         assert!(
             checked.iter().any(|c| c == must),
             "{must} was not checked (checked: {checked:?})"

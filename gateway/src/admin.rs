@@ -151,6 +151,8 @@ impl ServeHttp for AdminApp {
                 .map(|l| (l.name.clone(), l.listen.port()))
                 .collect();
             crate::metrics::sample_connections(&listeners);
+            crate::metrics::IN_FLIGHT
+                .set(i64::try_from(crate::lifecycle::in_flight()).unwrap_or(i64::MAX));
             let encoder = TextEncoder::new();
             let mut buf = Vec::new();
             return match encoder.encode(&prometheus::gather(), &mut buf) {

@@ -47,13 +47,13 @@ pub fn in_flight() -> usize {
     IN_FLIGHT.load(Ordering::Acquire)
 }
 
-/// Counts one request in flight for as long as it lives (held by the request's context).
+/// Counts one request in flight for as long as it lives (held by the request's context). One
+/// atomic per request; `caregate_requests_in_flight` reads it at each scrape.
 pub struct InFlight(());
 
 impl InFlight {
     pub fn enter() -> InFlight {
         IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
-        crate::metrics::IN_FLIGHT.inc();
         InFlight(())
     }
 }
@@ -61,7 +61,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
-        crate::metrics::IN_FLIGHT.dec();
     }
 }
 

@@ -214,7 +214,7 @@ pub static CONFIG_GENERATION: Lazy<prometheus::IntGauge> = Lazy::new(|| {
 pub static IN_FLIGHT: Lazy<prometheus::IntGauge> = Lazy::new(|| {
     prometheus::register_int_gauge!(
         "caregate_requests_in_flight",
-        "Requests the gateway is handling now (from the request header to the end of logging)."
+        "Requests the gateway is handling now (from the request header to the end of logging), read at each scrape."
     )
     .expect("register caregate_requests_in_flight")
 });

@@ -8,7 +8,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::tls::hash::MessageDigest;
 use pingora::tls::nid::Nid;
-use pingora::tls::x509::{X509NameRef, X509VerifyResult};
+use pingora::tls::x509::{X509NameRef, X509VerifyResult, X509};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -84,8 +84,22 @@ pub struct ListenerCert {
     pub client_cas: Option<Vec<pingora::tls::x509::X509>>,
 }
 
-fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+/// The PEM certificates of a file (at least one; the first is the leaf of a chain).
+pub(crate) fn read_pem_certs(path: &std::path::Path) -> Result<Vec<X509>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    X509::stack_from_pem(&pem)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{}: not a PEM certificate file", path.display()))
+}
+
+/// The PEM private key of a file.
+pub(crate) fn read_key(
+    path: &std::path::Path,
+) -> Result<pingora::tls::pkey::PKey<pingora::tls::pkey::Private>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pingora::tls::pkey::PKey::private_key_from_pem(&pem)
+        .map_err(|_| format!("{}: not a PEM private key", path.display()))
 }
 
 impl ListenerCert {
@@ -97,15 +111,13 @@ impl ListenerCert {
         key: &std::path::Path,
         client_ca: Option<&std::path::Path>,
     ) -> Result<ListenerCert, String> {
-        use pingora::tls::x509::X509;
-        let mut certs = X509::stack_from_pem(&read_file(what, cert)?)
-            .map_err(|_| format!("{what}: {} is not a PEM certificate file", cert.display()))?
+        let mut certs = read_pem_certs(cert)
+            .map_err(|e| format!("{what}: {e}"))?
             .into_iter();
         let leaf = certs
             .next()
             .ok_or_else(|| format!("{what}: {} holds no certificate", cert.display()))?;
-        let key = pingora::tls::pkey::PKey::private_key_from_pem(&read_file(what, key)?)
-            .map_err(|_| format!("{what}: {} holds no PEM private key", key.display()))?;
+        let key = read_key(key).map_err(|e| format!("{what}: {e}"))?;
         let matches = leaf
             .public_key()
             .map(|p| p.public_eq(&key))
@@ -116,15 +128,9 @@ impl ListenerCert {
                 cert.display()
             ));
         }
-        let client_cas = match client_ca {
-            Some(p) => Some(
-                X509::stack_from_pem(&read_file(what, p)?)
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| format!("{what}: {} holds no PEM certificate", p.display()))?,
-            ),
-            None => None,
-        };
+        let client_cas = client_ca
+            .map(|p| read_pem_certs(p).map_err(|e| format!("{what}: {e}")))
+            .transpose()?;
         Ok(ListenerCert {
             leaf,
             chain: certs.collect(),

@@ -10,6 +10,7 @@
 use crate::config::{BackendAddress, Loaded, PoolConfig};
 use crate::dns::{Dns, NamedBackend, ZoneDiscovery};
 use crate::metrics;
+use crate::tls_identity::{read_key, read_pem_certs};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::lb::health_check::HttpHealthCheck;
@@ -18,7 +19,6 @@ use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::x509::X509;
 use pingora::utils::tls::CertKey;
 use std::collections::BTreeSet;
@@ -128,18 +128,6 @@ impl Pool {
         }
         Box::new(peer)
     }
-}
-
-fn read_pem_certs(path: &std::path::Path) -> Result<Vec<X509>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    X509::stack_from_pem(&pem)
-        .map_err(|_| format!("{}: not a PEM certificate file", path.display()))
-}
-
-fn read_key(path: &std::path::Path) -> Result<PKey<Private>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    PKey::private_key_from_pem(&pem)
-        .map_err(|_| format!("{}: not a PEM private key", path.display()))
 }
 
 fn build_pool(loaded: &Loaded, pc: &PoolConfig, dns: &Arc<Dns>) -> Result<Pool, String> {

@@ -160,6 +160,24 @@ impl Drop for Proc {
     }
 }
 
+/// `caregate audit verify PATH` with the HMAC key in `CAREGATE_AUDIT_KEY`: its exit code and
+/// stdout + stderr.
+pub fn audit_verify(path: &Path, key: &str) -> (Option<i32>, String) {
+    let out = Command::new(caregate_bin())
+        .args(["audit", "verify", path.to_str().unwrap()])
+        .env("CAREGATE_AUDIT_KEY", key)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Poll until `f` is true or the deadline passes.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -801,6 +819,26 @@ impl Pki {
             ]);
         }
         Pki { dir }
+    }
+}
+
+impl Pki {
+    /// Write into `dir` the TLS files the production-shaped configs name under
+    /// `/etc/caregate/tls` (conf/caregate.example.yaml, the Kubernetes ConfigMap), made from this
+    /// PKI: `check` reads every certificate, key and CA file, as `run` would.
+    pub fn write_example_tls(&self, dir: &Path) {
+        for (name, from) in [
+            ("public.crt", "server.crt"),
+            ("public.key", "server.key"),
+            ("internal.crt", "server.crt"),
+            ("internal.key", "server.key"),
+            ("hospital-systems-ca.pem", "ca.crt"),
+            ("backend-ca.pem", "ca.crt"),
+            ("gateway-client.crt", "client.crt"),
+            ("gateway-client.key", "client.key"),
+        ] {
+            std::fs::copy(self.path(from), dir.join(name)).unwrap();
+        }
     }
 }
 

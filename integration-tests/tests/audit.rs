@@ -68,36 +68,13 @@ fn records(path: &Path) -> Vec<Value> {
 }
 
 fn verify(path: &Path) -> (bool, String) {
-    let out = Command::new(caregate_bin())
-        .args(["audit", "verify", path.to_str().unwrap()])
-        .env("CAREGATE_AUDIT_KEY", KEY)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (code, out) = audit_verify(path, KEY);
+    (code == Some(0), out)
 }
 
 /// `caregate audit verify PATH`: (exit code, stdout + stderr).
 fn verify_code(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(caregate_bin())
-        .args(["audit", "verify", path.to_str().unwrap()])
-        .env("CAREGATE_AUDIT_KEY", KEY)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    audit_verify(path, KEY)
 }
 
 fn phi_get(p: std::net::SocketAddr, i: usize) -> u16 {

@@ -28,18 +28,7 @@ fn check(path: &std::path::Path) -> (bool, String) {
 /// (`check` reads every certificate, key and CA file, as `run` would).
 fn example_tls_dir(pki: &Pki) -> TempDir {
     let dir = TempDir::new("example-tls");
-    for (name, from) in [
-        ("public.crt", "server.crt"),
-        ("public.key", "server.key"),
-        ("internal.crt", "server.crt"),
-        ("internal.key", "server.key"),
-        ("hospital-systems-ca.pem", "ca.crt"),
-        ("backend-ca.pem", "ca.crt"),
-        ("gateway-client.crt", "client.crt"),
-        ("gateway-client.key", "client.key"),
-    ] {
-        std::fs::copy(pki.path(from), dir.0.join(name)).unwrap();
-    }
+    pki.write_example_tls(&dir.0);
     dir
 }
 

@@ -168,18 +168,7 @@ fn the_kubernetes_configmap_config_passes_check() {
     let secrets = dir.0.join("secrets");
     std::fs::create_dir_all(&tls).unwrap();
     std::fs::create_dir_all(&secrets).unwrap();
-    for (to, from) in [
-        ("public.crt", "server.crt"),
-        ("public.key", "server.key"),
-        ("internal.crt", "server.crt"),
-        ("internal.key", "server.key"),
-        ("hospital-systems-ca.pem", "ca.crt"),
-        ("backend-ca.pem", "ca.crt"),
-        ("gateway-client.crt", "client.crt"),
-        ("gateway-client.key", "client.key"),
-    ] {
-        std::fs::copy(pki.path(from), tls.join(to)).unwrap();
-    }
+    pki.write_example_tls(&tls);
     std::fs::write(
         secrets.join("audit-key"),
         "an-audit-key-of-at-least-32-bytes-for-the-test\n",

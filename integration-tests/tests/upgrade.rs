@@ -123,19 +123,6 @@ fn an_upgrade_under_load_loses_no_request_and_keeps_the_audit_chain_whole() {
 
     // Every answered request has its access record, once, and the chain verifies whole.
     assert_eq!(access_records(&trail.0), ok);
-    let out = Command::new(caregate_bin())
-        .args([
-            "audit",
-            "verify",
-            trail.0.join("audit.jsonl").to_str().unwrap(),
-        ])
-        .env("CAREGATE_AUDIT_KEY", KEY)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (code, text) = audit_verify(&trail.0.join("audit.jsonl"), KEY);
+    assert_eq!(code, Some(0), "{text}");
 }

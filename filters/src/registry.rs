@@ -35,6 +35,7 @@ impl FilterRegistry {
         r.register("rbac", builtin::rbac::build);
         r.register("ip_allow", builtin::ip_allow::build);
         r.register("tenant", builtin::tenant::build);
+        r.register("rate_limit", builtin::rate_limit::build);
         r
     }
 

@@ -986,3 +986,84 @@ impl Load {
         (self.ok.load(Ordering::SeqCst), f)
     }
 }
+
+/// Where Debian installs `redis-server` (scripts/deps.sh).
+pub const REDIS: &str = "/usr/bin/redis-server";
+
+/// A `redis-server` on a loopback port of its own.
+pub struct RedisServer {
+    pub child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Whether redis-server is installed; false (after saying why) when it is not and this is
+    /// not CI (where its absence fails the test).
+    pub fn available() -> bool {
+        if std::path::Path::new(REDIS).exists() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{REDIS} is missing: scripts/deps.sh installs redis-server for the rate_limit tests"
+        );
+        eprintln!(
+            "SKIP rate_limit cluster test: {REDIS} is not installed (scripts/deps.sh installs it)"
+        );
+        false
+    }
+
+    pub fn start(port: u16) -> RedisServer {
+        let mut r = RedisServer { child: None, port };
+        r.restart();
+        r
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new(REDIS)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let to = addr(self.port);
+        wait_until("redis-server to accept", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&to, Duration::from_millis(200)).is_ok()
+        });
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} redis-server");
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

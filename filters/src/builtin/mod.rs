@@ -10,6 +10,7 @@ pub mod headers;
 pub mod ip_allow;
 pub mod jwt_auth;
 pub mod patient_compartment;
+pub mod rate_limit;
 pub mod rbac;
 pub mod request_limits;
 pub mod smart_configuration;

@@ -142,15 +142,6 @@ impl ServeHttp for AdminApp {
             return r;
         }
         if method == http::Method::GET && path == "/metrics" {
-            let listeners: Vec<(String, u16)> = self
-                .live
-                .load()
-                .config
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), l.listen.port()))
-                .collect();
-            crate::metrics::sample_connections(&listeners);
             crate::metrics::IN_FLIGHT
                 .set(i64::try_from(crate::lifecycle::in_flight()).unwrap_or(i64::MAX));
             let encoder = TextEncoder::new();

@@ -209,6 +209,74 @@ pub struct ServerSettings {
     /// `SIGHUP` and `POST /reload` reload on demand).
     #[serde(default)]
     pub watch_config_interval_ms: Option<u64>,
+    /// Caps on client connections and deadlines for slow clients (on by default).
+    #[serde(default)]
+    pub connections: ConnectionSettings,
+}
+
+/// `server.connections`: the layer around every accepted client connection.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Open client connections of the whole process, all listeners together (0: no cap). A
+    /// connection past it is answered `503 too_many_connections` and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_total: usize,
+    /// Open connections per client address, the TCP peer (0: no cap). Addresses in
+    /// `server.trusted_proxies` and in `exempt` are not capped per address.
+    #[serde(default = "default_max_per_client")]
+    pub max_per_client: usize,
+    /// More client addresses not capped per address (load balancers, NAT gateways).
+    #[serde(default)]
+    pub exempt: Vec<IpNet>,
+    /// From a request's first byte until its header is complete, however the bytes trickle
+    /// in: a client that is slower is cut off (slowloris).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_seconds: u64,
+    /// A request body must come at least this fast (bytes per second) once
+    /// `body_grace_seconds` have passed since its header; a slower one is answered
+    /// `408 body_too_slow` and its connection closed (0: no minimum).
+    #[serde(default = "default_body_min_rate")]
+    pub body_min_rate_bytes_per_second: u64,
+    /// See `body_min_rate_bytes_per_second`.
+    #[serde(default = "default_body_grace")]
+    pub body_grace_seconds: u64,
+    /// HTTP/2: streams a client may have open at once on one connection.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            max_total: default_max_connections(),
+            max_per_client: default_max_per_client(),
+            exempt: Vec::new(),
+            header_timeout_seconds: default_header_timeout(),
+            body_min_rate_bytes_per_second: default_body_min_rate(),
+            body_grace_seconds: default_body_grace(),
+            h2_max_concurrent_streams: default_h2_streams(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_max_per_client() -> usize {
+    512
+}
+fn default_header_timeout() -> u64 {
+    20
+}
+fn default_body_min_rate() -> u64 {
+    500
+}
+fn default_body_grace() -> u64 {
+    20
+}
+fn default_h2_streams() -> u32 {
+    100
 }
 
 impl Default for ServerSettings {
@@ -228,6 +296,7 @@ impl Default for ServerSettings {
             upgrade_sock: None,
             pid_file: None,
             watch_config_interval_ms: None,
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -302,6 +371,46 @@ pub struct ListenerConfig {
     /// internal channel).
     #[serde(default)]
     pub filters: Vec<FilterSpec>,
+    /// This listener's own slow-client deadlines and per-address cap, over
+    /// `server.connections` (e.g. a stricter public channel).
+    #[serde(default)]
+    pub connections: ListenerConnections,
+}
+
+/// `listeners[].connections`: what differs on this listener from `server.connections`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConnections {
+    pub max_per_client: Option<usize>,
+    /// Added to `server.connections.exempt` on this listener.
+    #[serde(default)]
+    pub exempt: Vec<IpNet>,
+    pub header_timeout_seconds: Option<u64>,
+    pub body_min_rate_bytes_per_second: Option<u64>,
+    pub body_grace_seconds: Option<u64>,
+}
+
+impl ConnectionSettings {
+    /// The settings of `listener`: these, with the listener's own over them.
+    pub fn for_listener(&self, listener: &ListenerConnections) -> ConnectionSettings {
+        let mut exempt = self.exempt.clone();
+        exempt.extend(listener.exempt.iter().cloned());
+        ConnectionSettings {
+            max_total: self.max_total,
+            max_per_client: listener.max_per_client.unwrap_or(self.max_per_client),
+            exempt,
+            header_timeout_seconds: listener
+                .header_timeout_seconds
+                .unwrap_or(self.header_timeout_seconds),
+            body_min_rate_bytes_per_second: listener
+                .body_min_rate_bytes_per_second
+                .unwrap_or(self.body_min_rate_bytes_per_second),
+            body_grace_seconds: listener
+                .body_grace_seconds
+                .unwrap_or(self.body_grace_seconds),
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -370,6 +479,94 @@ pub struct PoolConfig {
     /// Total attempts per request (first try + retries), across backends and zones.
     #[serde(default = "default_attempts")]
     pub max_attempts: usize,
+    /// Passive outlier detection: a circuit per backend (on by default; see
+    /// `docs/resilience.md`).
+    #[serde(default)]
+    pub outlier_detection: OutlierDetectionConfig,
+    /// The pool's bulkhead: upstream requests in flight at once (one per request, whatever
+    /// its attempts); past it a request gets `503 overloaded` at once. 0 = no cap.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// How many retries the pool's requests may cause.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// `pools[].outlier_detection`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Failures in a row (a 5xx other than 501/505, a failed connect, a broken or timed-out
+    /// exchange) that eject a backend.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each consecutive ejection doubles it.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_ms: u64,
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u64,
+    /// At most this percentage of a zone's backends is ejected at once (never the last one).
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        OutlierDetectionConfig {
+            enabled: true,
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+/// `pools[].retry_budget`: retries over a sliding 10 s window are at most `ratio` of the
+/// pool's requests plus `min_per_second` per second.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    #[serde(default = "default_retry_ratio")]
+    pub ratio: f64,
+    #[serde(default = "default_retry_min_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: default_retry_ratio(),
+            min_per_second: default_retry_min_per_second(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_ms() -> u64 {
+    30_000
+}
+fn default_max_ejection_ms() -> u64 {
+    300_000
+}
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+fn default_max_in_flight() -> usize {
+    1000
+}
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+fn default_retry_min_per_second() -> u32 {
+    5
 }
 
 impl PoolConfig {
@@ -762,6 +959,20 @@ pub fn validate_with(
     if c.resolver.timeout_ms == 0 {
         return err("resolver.timeout_ms: must be positive");
     }
+    if c.server.connections.header_timeout_seconds == 0 {
+        return err("server.connections.header_timeout_seconds: must be at least 1");
+    }
+    for l in &c.listeners {
+        if l.connections.header_timeout_seconds == Some(0) {
+            return err(format!(
+                "listeners ({}): connections.header_timeout_seconds: must be at least 1",
+                l.name
+            ));
+        }
+    }
+    if c.server.connections.h2_max_concurrent_streams == 0 {
+        return err("server.connections.h2_max_concurrent_streams: must be at least 1");
+    }
     if c.server.watch_config_interval_ms.is_some_and(|ms| ms < 100) {
         return err("server.watch_config_interval_ms: must be at least 100");
     }
@@ -825,6 +1036,25 @@ pub fn validate_with(
         }
         if p.max_attempts == 0 || p.max_attempts > 10 {
             return err(format!("{at}.max_attempts: must be between 1 and 10"));
+        }
+        let od = &p.outlier_detection;
+        if od.consecutive_failures == 0 {
+            return err(format!(
+                "{at}.outlier_detection.consecutive_failures: must be at least 1"
+            ));
+        }
+        if od.base_ejection_ms < 10 || od.max_ejection_ms < od.base_ejection_ms {
+            return err(format!(
+                "{at}.outlier_detection: base_ejection_ms must be at least 10 and max_ejection_ms at least base_ejection_ms"
+            ));
+        }
+        if od.max_ejected_percent > 100 {
+            return err(format!(
+                "{at}.outlier_detection.max_ejected_percent: must be between 0 and 100"
+            ));
+        }
+        if !(p.retry_budget.ratio.is_finite() && (0.0..=1.0).contains(&p.retry_budget.ratio)) {
+            return err(format!("{at}.retry_budget.ratio: must be between 0 and 1"));
         }
         unique(
             &format!("{at}.zones"),

@@ -97,6 +97,17 @@ impl Held {
     }
 }
 
+impl Held {
+    /// Give back what a discarded response body of `bytes` took (a retried attempt's).
+    fn give_back(&mut self, bytes: usize) {
+        let n = bytes.div_ceil(1024);
+        if let Some(held) = &mut self.permit {
+            // Each take rounded up, so the permit holds at least this much; None otherwise.
+            drop(held.split(n));
+        }
+    }
+}
+
 fn overloaded() -> LocalReply {
     LocalReply::error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -116,6 +127,7 @@ enum Read {
     Whole(Bytes),
     TooLarge,
     OverBudget,
+    TooSlow(LocalReply),
 }
 
 impl Gateway {
@@ -144,8 +156,13 @@ impl Gateway {
                 .await?;
         }
         let mut held = Held::new(&self.exchange_memory);
-        let body = match read_request(session, self.max_exchange_body, &mut held).await? {
+        let body = match self.read_request(session, ctx, &mut held).await? {
             Read::Whole(b) => b,
+            Read::TooSlow(reply) => {
+                session.set_keepalive(None);
+                Self::record_gateway_denial(ctx, "body_too_slow");
+                return self.send_reply(session, ctx, reply).await;
+            }
             Read::OverBudget => {
                 Self::record_gateway_denial(ctx, "overloaded");
                 return self.send_reply(session, ctx, overloaded()).await;
@@ -301,11 +318,21 @@ impl Gateway {
             ctx.connected_at = Some(Instant::now());
             match send(&mut http, req, body, self.max_exchange_body, held).await {
                 Ok(Sent::Whole(got)) => {
+                    let status = got.header.status.as_u16();
+                    self.note_response(ctx, status);
                     self.observe_upstream(ctx);
                     let idle = peer.options.idle_timeout;
                     self.connector
                         .release_http_session(http, &*peer, idle)
                         .await;
+                    // The one retry rule: a failing status of an idempotent request goes to
+                    // another backend while one is left (else the client gets it as sent).
+                    if crate::outlier::status_is_failure(status)
+                        && self.note_failure(ctx, retry::Failure::Status, request)
+                    {
+                        held.give_back(got.body.len());
+                        continue;
+                    }
                     return Ok(*got);
                 }
                 Ok(Sent::OverBudget) => {
@@ -358,22 +385,34 @@ impl Gateway {
     }
 }
 
-/// The whole request body, or `TooLarge` once it passes `max` (the rest is left unread; the
-/// connection is not reused after the reply).
-async fn read_request(session: &mut Session, max: usize, held: &mut Held) -> Result<Read> {
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = session.read_request_body().await? {
-        if buf.len() + chunk.len() > max {
-            session.set_keepalive(None);
-            return Ok(Read::TooLarge);
+impl Gateway {
+    /// The whole request body, or `TooLarge` once it passes `max_exchange_body`, or `TooSlow`
+    /// below the minimum rate (the rest is left unread; the connection is not reused after the
+    /// reply).
+    async fn read_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        held: &mut Held,
+    ) -> Result<Read> {
+        let max = self.max_exchange_body;
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if let Some(reply) = self.body_too_slow(chunk.len(), ctx) {
+                return Ok(Read::TooSlow(reply));
+            }
+            if buf.len() + chunk.len() > max {
+                session.set_keepalive(None);
+                return Ok(Read::TooLarge);
+            }
+            if !held.take(chunk.len()) {
+                session.set_keepalive(None);
+                return Ok(Read::OverBudget);
+            }
+            buf.extend_from_slice(&chunk);
         }
-        if !held.take(chunk.len()) {
-            session.set_keepalive(None);
-            return Ok(Read::OverBudget);
-        }
-        buf.extend_from_slice(&chunk);
+        Ok(Read::Whole(buf.freeze()))
     }
-    Ok(Read::Whole(buf.freeze()))
 }
 
 enum Sent {

@@ -151,45 +151,11 @@ pub static RESPONSE_BODY_BYTES: Lazy<IntCounterVec> = Lazy::new(|| {
 pub static LISTENER_CONNECTIONS: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(
         "caregate_listener_connections",
-        "Established client connections per listener, sampled at each scrape (Linux: the network namespace's TCP table, by the listener's port).",
+        "Open client connections per listener, counted by the connection layer from accept (after the TLS handshake) to close.",
         &["listener"]
     )
     .expect("register caregate_listener_connections")
 });
-
-/// Established TCP connections whose local port is `port`, from the TCP tables of the
-/// network namespace (`/proc/net/tcp` and `tcp6`): connections clients opened to a listener on
-/// that port.
-pub fn established_on(tables: &[String], port: u16) -> usize {
-    let want = format!(":{port:04X}");
-    tables
-        .iter()
-        .flat_map(|t| t.lines().skip(1))
-        .filter(|l| {
-            let mut f = l.split_whitespace();
-            let local = f.nth(1).unwrap_or("");
-            let state = f.nth(1).unwrap_or("");
-            state == "01" && local.ends_with(&want)
-        })
-        .count()
-}
-
-/// Sample `caregate_listener_connections` for `listeners` (name, port).
-pub fn sample_connections(listeners: &[(String, u16)]) {
-    let tables: Vec<String> = ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect();
-    if tables.is_empty() {
-        return;
-    }
-    for (name, port) in listeners {
-        let n = established_on(&tables, *port);
-        LISTENER_CONNECTIONS
-            .with_label_values(&[name.as_str()])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-}
 
 #[allow(clippy::expect_used)]
 pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
@@ -242,7 +208,9 @@ pub fn init() {
     Lazy::force(&DRAINING);
     Lazy::force(&REQUEST_BODY_BYTES);
     Lazy::force(&LISTENER_CONNECTIONS);
+    crate::conn_guard::init();
     Lazy::force(&RESPONSE_BODY_BYTES);
+    crate::outlier::init_metrics();
     CONFIG_GENERATION.set(1);
     let features = if cfg!(feature = "otlp") { "otlp" } else { "" };
     BUILD_INFO
@@ -330,19 +298,5 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn established_connections_are_counted_by_local_port() {
-        let tcp = "  sl  local_address rem_address   st tx_queue\n   0: 0100007F:1F90 00000000:0000 0A 0\n   1: 0100007F:1F90 0100007F:C350 01 0\n   2: 0100007F:1F90 0100007F:C351 01 0\n   3: 0100007F:C352 0100007F:1F90 01 0\n   4: 0100007F:1F91 0100007F:C353 06 0\n".to_string();
-        // Port 8080 = 0x1F90: two established (the listening socket and a client-side
-        // connection to it do not count); 8081 has only a TIME_WAIT.
-        assert_eq!(established_on(std::slice::from_ref(&tcp), 8080), 2);
-        assert_eq!(established_on(&[tcp], 8081), 0);
     }
 }

@@ -45,6 +45,8 @@ pub struct Gateway {
     pub max_exchange_body: usize,
     /// What all whole exchanges of the process may hold at once (`server.max_exchange_memory_bytes`).
     pub exchange_memory: crate::exchange::MemoryBudget,
+    /// The minimum rate of request bodies (`server.connections`).
+    pub body_rate: crate::conn_guard::BodyRate,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -77,11 +79,41 @@ pub struct Ctx {
     pub(crate) error_reason: Option<&'static str>,
     /// Time to the upstream response header, for the access log.
     pub(crate) upstream_ms: Option<f64>,
+    /// The request's slot in its pool's bulkhead (taken at the first attempt, one per
+    /// request whatever its attempts; given back when the context is dropped).
+    pub(crate) bulkhead: Option<crate::outlier::Slot>,
+    /// Request body bytes received so far (the minimum-rate rule).
+    pub(crate) body_in: u64,
 }
 
 const BODY_LIMIT_FOR_CLOSE: u64 = 0;
 
+/// The error that ends an attempt answered with a failing status, when the retry rule already
+/// decided to retry it (`upstream_response_filter`); `error_while_proxy` keeps that decision.
+const RETRY_ON_STATUS: &str = "retry_on_upstream_status";
+
 impl Gateway {
+    /// Count `chunk` bytes of the request body and apply the minimum-rate rule: a body slower
+    /// than `server.connections.body_min_rate_bytes_per_second` (after the grace time) gets a
+    /// `408 body_too_slow`, and its connection is closed (the rest of the body is not read).
+    pub(crate) fn body_too_slow(&self, chunk: usize, ctx: &mut Ctx) -> Option<LocalReply> {
+        ctx.body_in = ctx.body_in.saturating_add(chunk as u64);
+        // Counted from the upstream connection when there is one: Pingora reads the body only
+        // once it is connected, so the connect time is not the client's.
+        let from = ctx.connected_at.unwrap_or(ctx.req.started);
+        if chunk == 0 || !self.body_rate.too_slow(ctx.body_in, from.elapsed()) {
+            return None;
+        }
+        crate::conn_guard::CUT
+            .with_label_values(&[&*self.listener, "body_too_slow"])
+            .inc();
+        Some(LocalReply::error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_too_slow",
+            "the request body came slower than the gateway's minimum rate",
+        ))
+    }
+
     fn reply_for_error(&self, e: &Error, ctx: &mut Ctx) -> Option<LocalReply> {
         if let Some(r) = ctx.pending.take() {
             return Some(r);
@@ -203,9 +235,22 @@ impl Gateway {
         let Some(pool) = ctx.pool.and_then(|p| ctx.gen.pools.get(p)) else {
             return false;
         };
-        let again = retry::may_retry(failure, req)
+        let now = Instant::now();
+        if failure.backend_fault() {
+            let zone_size = pool.zones.get(zone).map_or(0, |z| z.backend_count());
+            pool.outlier.failure(zone, addr, zone_size, now);
+        }
+        let mut again = retry::may_retry(failure, req)
             && ctx.attempts < pool.max_attempts
-            && pool.pick(&ctx.tried).is_some();
+            && pool.has_candidate(&ctx.tried);
+        // Only a request a backend may have worked on spends the budget: a failed connect sent
+        // nothing, and its retry (zone failover) multiplies no backend's work.
+        if again && failure.spends_budget() && !pool.retry_budget.try_retry(now) {
+            crate::outlier::RETRY_BUDGET_EXHAUSTED
+                .with_label_values(&[&*pool.name])
+                .inc();
+            again = false;
+        }
         if again {
             let zone_name = pool.zones.get(zone).map(|z| &*z.name).unwrap_or("");
             metrics::RETRIES
@@ -213,6 +258,26 @@ impl Gateway {
                 .inc();
         }
         again
+    }
+
+    /// Record the status an upstream attempt answered with, for outlier detection: a 5xx
+    /// (other than 501/505) is a failure of the backend, anything else a success.
+    pub(crate) fn note_response(&self, ctx: &Ctx, status: u16) {
+        if (100..200).contains(&status) {
+            return;
+        }
+        let (Some((zone, addr)), Some(pool)) =
+            (ctx.current, ctx.pool.and_then(|p| ctx.gen.pools.get(p)))
+        else {
+            return;
+        };
+        let now = Instant::now();
+        if crate::outlier::status_is_failure(status) {
+            let zone_size = pool.zones.get(zone).map_or(0, |z| z.backend_count());
+            pool.outlier.failure(zone, addr, zone_size, now);
+        } else {
+            pool.outlier.success(zone, addr, now);
+        }
     }
 
     pub(crate) fn record_gateway_denial(ctx: &mut Ctx, reason: &'static str) {
@@ -627,6 +692,27 @@ impl Gateway {
         let Some(pool) = ctx.gen.pools.get(pool_idx) else {
             return Error::e_explain(ErrorType::InternalError, "route pool missing");
         };
+        // The bulkhead: one slot per request, taken at its first attempt, without waiting.
+        if ctx.bulkhead.is_none() {
+            match pool.bulkhead.enter() {
+                Some(slot) => {
+                    ctx.bulkhead = Some(slot);
+                    pool.retry_budget.request(Instant::now());
+                }
+                None => {
+                    Self::record_gateway_denial(ctx, "overloaded");
+                    ctx.pending = Some(
+                        LocalReply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "overloaded",
+                            "too many requests to this service are in flight; retry shortly",
+                        )
+                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+                    );
+                    return Error::e_explain(ErrorType::HTTPStatus(503), "pool bulkhead full");
+                }
+            }
+        }
         // The last attempt goes to a later zone when one has a healthy backend, so a zone whose
         // backends all still look healthy cannot use up the whole budget.
         let last_attempt = ctx.attempts + 1 >= pool.max_attempts;
@@ -879,10 +965,14 @@ impl ProxyHttp for Gateway {
             audited_access: false,
             error_reason: None,
             upstream_ms: None,
+            bulkhead: None,
+            body_in: 0,
         })
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Box<Ctx>) -> Result<()> {
+        // The header is complete: the connection layer's header deadline no longer applies.
+        crate::conn_guard::header_done(session);
         // Bound idle keep-alive, but never re-enable a connection Pingora has already marked
         // for closing (ambiguous framing, `Connection: close`).
         if self.keepalive_seconds > 0 && session.get_keepalive().is_some() {
@@ -954,6 +1044,10 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
+        if let Some(reply) = self.body_too_slow(body.as_ref().map_or(0, |b| b.len()), ctx) {
+            ctx.pending = Some(reply);
+            return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
+        }
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
@@ -1004,6 +1098,11 @@ impl ProxyHttp for Gateway {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if matches!(e.etype(), ErrorType::Custom(kind) if *kind == RETRY_ON_STATUS) {
+            // Decided (and counted) in upstream_response_filter.
+            e.set_retry(true);
+            return e;
+        }
         let req = retry::Request {
             idempotent: session.req_header().method.is_idempotent(),
             body_replayable: !session.as_ref().retry_buffer_truncated(),
@@ -1039,11 +1138,31 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        self.note_response(ctx, status);
         self.observe_upstream(ctx);
+        if crate::outlier::status_is_failure(status) {
+            // Nothing of this response went downstream: an idempotent request goes to another
+            // backend (the one retry rule decides, budget included); otherwise the client gets
+            // the status as the backend sent it.
+            let req = retry::Request {
+                idempotent: session.req_header().method.is_idempotent(),
+                body_replayable: !session.as_ref().retry_buffer_truncated(),
+                response_started: final_response_written(session),
+            };
+            if self.note_failure(ctx, retry::Failure::Status, req) {
+                let mut e = Error::explain(
+                    ErrorType::Custom(RETRY_ON_STATUS),
+                    "the upstream answered a failing status; retried on another backend",
+                );
+                e.set_retry(true);
+                return Err(e.into_up());
+            }
+        }
         Ok(())
     }
 
@@ -1137,6 +1256,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Box<Ctx>) {
+        // The next read on this connection waits for a new request (the idle bound).
+        crate::conn_guard::request_done(session);
         let status = session
             .response_written()
             .filter(|r| !r.status.is_informational())

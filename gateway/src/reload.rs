@@ -256,18 +256,19 @@ pub fn fixed_changes(old: &Config, new: &Config, retry_cap: usize) -> Vec<String
         for (i, (a, b)) in old.listeners.iter().zip(&new.listeners).enumerate() {
             let shape = |l: &crate::config::ListenerConfig| {
                 format!(
-                    "{} {:?} {} {:?}",
+                    "{} {:?} {} {:?} {:?}",
                     l.name,
                     l.channel,
                     l.listen,
                     l.tls
                         .as_ref()
-                        .map(|t| (t.client_ca.is_some(), t.require_client_cert, t.h2))
+                        .map(|t| (t.client_ca.is_some(), t.require_client_cert, t.h2)),
+                    l.connections
                 )
             };
             if shape(a) != shape(b) {
                 out.push(format!(
-                    "listeners[{i}] ({}): name, channel, address and TLS settings are fixed at start (its filters, certificate, key and client CA files may change)",
+                    "listeners[{i}] ({}): name, channel, address, TLS and connection settings are fixed at start (its filters, certificate, key and client CA files may change)",
                     a.name
                 ));
             }

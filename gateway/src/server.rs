@@ -11,7 +11,6 @@ use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::{background_service, Opt};
-use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -272,7 +271,20 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
         ));
     }
 
+    // One count of client connections for every listener of the process.
+    let idle = (cfg.server.downstream_keepalive_seconds > 0)
+        .then(|| std::time::Duration::from_secs(cfg.server.downstream_keepalive_seconds));
+    let conn_tracker = crate::conn_guard::Tracker::new(cfg.server.connections.max_total);
     for ((li, l), tls) in cfg.listeners.iter().enumerate().zip(tls_loaded) {
+        let conns = cfg.server.connections.for_listener(&l.connections);
+        let mut exempt = cfg.server.trusted_proxies.clone();
+        exempt.extend(conns.exempt.iter().cloned());
+        let limits = crate::conn_guard::Limits {
+            max_per_client: conns.max_per_client,
+            exempt,
+            header_timeout: std::time::Duration::from_secs(conns.header_timeout_seconds),
+            idle_timeout: idle,
+        };
         // Whole exchanges and pre-reads go through their own connector, set up as the proxy's.
         let connector = Arc::new(pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration),
@@ -292,8 +304,23 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
             connector: connector.clone(),
             max_exchange_body: cfg.server.max_exchange_body_bytes,
             exchange_memory: exchange_memory.clone(),
+            body_rate: crate::conn_guard::BodyRate {
+                min_rate: conns.body_min_rate_bytes_per_second,
+                grace: std::time::Duration::from_secs(conns.body_grace_seconds),
+            },
         };
-        let mut svc = http_proxy_service_with_name(&server.configuration, gw, &l.name);
+        // Present (0) from the first scrape, so that rates and alerts see every listener.
+        crate::metrics::LISTENER_CONNECTIONS.with_label_values(&[l.name.as_str()]);
+        crate::conn_guard::init_listener(&l.name);
+        let mut proxy = pingora::proxy::http_proxy(&server.configuration, gw);
+        proxy.h2_options = Some(h2_options(&cfg));
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = idle;
+        proxy.server_options = Some(options);
+        let mut svc = Service::new(
+            l.name.clone(),
+            crate::conn_guard::Guarded::new(proxy, &l.name, conn_tracker.clone(), limits),
+        );
         let mut endpoint = ListenerConfig::tcp(l.listen.to_string())
             .l4_buffer(L4BufferSettings::default().read(cfg.server.downstream_read_buffer_bytes));
         if let Some(t) = tls {
@@ -327,4 +354,13 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
         signals,
         finisher,
     })
+}
+
+/// HTTP/2 settings of the client listeners: Pingora's bounded defaults, with the stream cap of
+/// `server.connections` and the header bound of `server.max_request_header_bytes`.
+fn h2_options(cfg: &crate::config::Config) -> pingora::protocols::http::v2::server::H2Options {
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(cfg.server.connections.h2_max_concurrent_streams);
+    h2.max_header_list_size(u32::try_from(cfg.server.max_request_header_bytes).unwrap_or(u32::MAX));
+    h2
 }

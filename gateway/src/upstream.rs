@@ -6,6 +6,10 @@
 //! unhealthy or a connect fails. The health checks run in one background service that also
 //! publishes `caregate_upstream_backend_healthy` and tells `/readyz` when every pool has had its
 //! first pass.
+//!
+//! Each pool also carries its passive outlier detection (a backend that keeps failing real
+//! requests is skipped by [`Pool::pick`] for a while), its bulkhead and its retry budget: see
+//! [`crate::outlier`] and `docs/resilience.md`.
 
 use crate::config::{BackendAddress, Loaded, PoolConfig};
 use crate::dns::{Dns, NamedBackend, ZoneDiscovery};
@@ -62,6 +66,13 @@ pub struct Pool {
     pub host_header: Option<String>,
     /// Turns true when a reload retires the pool: its health checks stop.
     retired: tokio::sync::watch::Sender<bool>,
+    /// Passive outlier detection: a circuit per backend. Lives with the pool, so a reload
+    /// that keeps the pool keeps it; a changed pool starts with every circuit closed.
+    pub outlier: crate::outlier::Detector,
+    /// The cap on the pool's requests in flight.
+    pub bulkhead: crate::outlier::Bulkhead,
+    /// The pool's retry budget.
+    pub retry_budget: crate::retry::RetryBudget,
 }
 
 /// A backend picked for one attempt.
@@ -71,21 +82,43 @@ pub struct Pick {
 }
 
 impl Pool {
-    /// The first healthy, untried backend, zones in priority order.
+    /// The first healthy, untried backend that outlier detection admits, zones in priority
+    /// order (a half-open backend admitted this way takes its probe slot). When outlier
+    /// detection admits none anywhere, the first healthy, untried backend whatever its circuit:
+    /// ejection never fails a request that a healthy backend could take.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Pick> {
         self.pick_from(tried, 0)
+            .or_else(|| self.pick_inner(tried, 0, None))
     }
 
-    /// Like [`Pool::pick`], starting at zone `first_zone`.
+    /// The first healthy, untried backend that outlier detection admits, starting at zone
+    /// `first_zone` (no fallback: see [`Pool::pick`]).
     pub fn pick_from(&self, tried: &[SocketAddr], first_zone: usize) -> Option<Pick> {
+        self.pick_inner(tried, first_zone, Some(std::time::Instant::now()))
+    }
+
+    /// Whether [`Pool::pick`] would find a backend (nothing is claimed).
+    pub fn has_candidate(&self, tried: &[SocketAddr]) -> bool {
+        self.pick_inner(tried, 0, None).is_some()
+    }
+
+    /// `outlier`: the time to judge circuits at (a half-open backend picked takes its probe
+    /// slot); `None` ignores circuits.
+    fn pick_inner(
+        &self,
+        tried: &[SocketAddr],
+        first_zone: usize,
+        outlier: Option<std::time::Instant>,
+    ) -> Option<Pick> {
         for (zi, zone) in self.zones.iter().enumerate().skip(first_zone) {
             let iterations = zone.backend_count().max(1) * 2;
             let found = zone.lb.select_with(b"", iterations, |b, healthy| {
+                let Some(a) = b.addr.as_inet() else {
+                    return false;
+                };
                 healthy
-                    && b.addr
-                        .as_inet()
-                        .map(|a| !tried.contains(a))
-                        .unwrap_or(false)
+                    && !tried.contains(a)
+                    && outlier.is_none_or(|now| self.outlier.admits(zi, *a, now, true))
             });
             if let Some(b) = found {
                 if let Some(addr) = b.addr.as_inet() {
@@ -254,7 +287,7 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig, dns: &Arc<Dns>) -> Result<Pool, 
         }
     });
     Ok(Pool {
-        name: pool_name,
+        name: pool_name.clone(),
         host_header,
         zones,
         max_attempts: pc.max_attempts,
@@ -263,7 +296,37 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig, dns: &Arc<Dns>) -> Result<Pool, 
         health_interval: Duration::from_millis(hc_conf.interval_ms),
         settle_passes: hc_conf.consecutive_failure.max(hc_conf.consecutive_success),
         retired: tokio::sync::watch::channel(false).0,
+        outlier: crate::outlier::Detector::new(
+            outlier_settings(pc),
+            pool_name.clone(),
+            pc.zones
+                .iter()
+                .map(|z| Arc::from(z.name.as_str()))
+                .collect(),
+        ),
+        bulkhead: crate::outlier::Bulkhead::new(pool_name.clone(), pc.max_in_flight),
+        retry_budget: crate::retry::RetryBudget::new(
+            pc.retry_budget.ratio,
+            pc.retry_budget.min_per_second,
+            std::time::Instant::now(),
+        ),
     })
+}
+
+fn outlier_settings(pc: &PoolConfig) -> crate::outlier::Settings {
+    let od = &pc.outlier_detection;
+    crate::outlier::Settings {
+        enabled: od.enabled,
+        consecutive_failures: od.consecutive_failures.max(1),
+        base_ejection: Duration::from_millis(od.base_ejection_ms),
+        max_ejection: Duration::from_millis(od.max_ejection_ms.max(od.base_ejection_ms)),
+        max_ejected_percent: od.max_ejected_percent,
+        probe_timeout: Duration::from_millis(
+            pc.timeouts
+                .total_connect_ms
+                .saturating_add(pc.timeouts.read_ms),
+        ),
+    }
 }
 
 /// Build every pool of the config (in config order), resolving names through `dns`.
@@ -295,7 +358,7 @@ pub struct HealthService {
     pub readiness: Arc<Readiness>,
 }
 
-async fn check_zone(pool: &Pool, zone: &Zone) {
+async fn check_zone(pool: &Pool, zi: usize, zone: &Zone) {
     if let Err(e) = zone.lb.update().await {
         log::warn!(
             "pool {} zone {}: discovery failed: {e}",
@@ -310,7 +373,11 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
         return;
     }
     let mut now = BTreeSet::new();
+    let mut addrs = Vec::new();
     for b in zone.lb.backends().get_backend().iter() {
+        if let Some(a) = b.addr.as_inet() {
+            addrs.push(*a);
+        }
         let healthy = zone.lb.backends().ready(b);
         let label = b.addr.to_string();
         metrics::BACKEND_HEALTHY
@@ -322,8 +389,12 @@ async fn check_zone(pool: &Pool, zone: &Zone) {
     let mut labels = zone.labels.lock().unwrap_or_else(|e| e.into_inner());
     for gone in labels.difference(&now) {
         let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[&*pool.name, &*zone.name, gone]);
+        crate::outlier::remove_series(&[&*pool.name, &*zone.name, gone]);
     }
     *labels = now;
+    drop(labels);
+    pool.outlier
+        .refresh_zone(zi, &addrs, std::time::Instant::now());
 }
 
 impl Pool {
@@ -350,6 +421,7 @@ impl Pool {
                         &*zone.name,
                         b.as_str(),
                     ]);
+                    crate::outlier::remove_series(&[&*self.name, &*zone.name, b.as_str()]);
                 }
             }
         }
@@ -360,8 +432,8 @@ impl Pool {
 /// (backends start healthy in Pingora).
 pub async fn settle(pool: &Pool) {
     for _ in 0..pool.settle_passes.max(1) {
-        for zone in &pool.zones {
-            check_zone(pool, zone).await;
+        for (zi, zone) in pool.zones.iter().enumerate() {
+            check_zone(pool, zi, zone).await;
         }
     }
 }
@@ -379,7 +451,7 @@ pub fn spawn_health(pool: Arc<Pool>) {
                 tokio::select! {
                     _ = interval.tick() => {
                         if let Some(zone) = pool.zones.get(zi) {
-                            check_zone(&pool, zone).await;
+                            check_zone(&pool, zi, zone).await;
                         }
                     }
                     r = retired.changed() => {

@@ -12,6 +12,7 @@ fn check(path: &std::path::Path) -> (bool, String) {
             "CAREGATE_AUDIT_KEY",
             "an-example-audit-key-of-at-least-32-bytes",
         )
+        .env("CAREGATE_RATELIMIT_KEY", "an-example-rate-limit-key")
         .output()
         .unwrap();
     (

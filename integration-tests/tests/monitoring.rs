@@ -63,7 +63,17 @@ routes:
     phi: true
     pool: fhir
     filters: [ {{ kind: jwt_auth }} ]
+  - name: limited
+    listener: public
+    path_prefix: /limited
+    pool: fhir
+    filters:
+      - kind: rate_limit
+        config:
+          store: {{ kind: redis, url: "redis://127.0.0.1:{no_redis}/0", timeout_ms: 20, retry_after_ms: 100, local_share: 1.0 }}
+          limits: [ {{ name: tiny, key: [client_addr], rate: 1, per_seconds: 3600, burst: 1 }} ]
 "#,
+        no_redis = free_port(),
         audit = dir.0.join("audit.jsonl").display(),
         a = soon_dead.addr,
         b = ok.addr
@@ -94,6 +104,10 @@ routes:
     }
     // Denied.
     assert_eq!(get(p, "/fhir/Patient/1").status, 401);
+    // Rate limited, by the local fallback of a Redis store that is not there.
+    assert_eq!(get(p, "/limited/a").status, 200);
+    let r = get(p, "/limited/b");
+    assert_eq!(r.status, 429, "{}", r.text());
     // A reload of the unchanged file (the reload series appear with the first reload).
     let r = request(gw.admin, "POST", "/reload", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -128,12 +142,22 @@ routes:
     let held: Vec<_> = (0..3)
         .map(|_| std::net::TcpStream::connect(p).unwrap())
         .collect();
-    let open = gw
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with("caregate_listener_connections{listener=\"public\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(open >= 3.0, "{open} connections seen");
+    let open = || {
+        gw.metrics()
+            .lines()
+            .find(|l| l.starts_with("caregate_listener_connections{listener=\"public\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_until(
+        "3 connections seen",
+        std::time::Duration::from_secs(5),
+        || open() >= 3.0,
+    );
     drop(held);
+    wait_until(
+        "the connections closed",
+        std::time::Duration::from_secs(5),
+        || open() == 0.0,
+    );
 }

@@ -994,6 +994,8 @@ pub const REDIS: &str = "/usr/bin/redis-server";
 pub struct RedisServer {
     pub child: Option<Child>,
     pub port: u16,
+    /// More arguments of redis-server (TLS, `--requirepass`, ...).
+    pub extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -1014,7 +1016,17 @@ impl RedisServer {
     }
 
     pub fn start(port: u16) -> RedisServer {
-        let mut r = RedisServer { child: None, port };
+        RedisServer::start_with(port, &[])
+    }
+
+    /// A redis-server on `port` with more arguments. With `--tls-port`, pass `port` there and
+    /// `--port 0` in `extra` (later arguments win).
+    pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         r.restart();
         r
     }
@@ -1031,6 +1043,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -244,3 +244,103 @@ fn a_cluster_limit_holds_across_two_gateways_and_survives_redis_outages() {
             .contains("caregate_ratelimit_fallback{store=\"redis\"} 0"));
     }
 }
+
+/// A gateway whose `rate_limit` store is `rediss://` with AUTH and the test CA.
+fn tls_gateway(
+    backend: &EchoServer,
+    redis_port: u16,
+    password: &str,
+    ca: &str,
+) -> (Gateway, SocketAddr) {
+    let (public, admin) = (free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+listeners:
+  - {{ name: public, channel: public, listen: "127.0.0.1:{public}" }}
+{pool}
+routes:
+  - name: api
+    listener: public
+    path_prefix: /api
+    pool: app
+    filters:
+      - kind: rate_limit
+        config:
+          store:
+            kind: redis
+            url: "rediss://:{password}@127.0.0.1:{redis_port}/0"
+            tls: {{ ca_file: "{ca}" }}
+            timeout_ms: 500
+            retry_after_ms: 300
+            fallback: local
+            local_share: 0.34
+          limits:
+            - {{ name: tls-shared, key: [], rate: 3, per_seconds: 3600 }}
+"#,
+        pool = pool(backend)
+    );
+    (Gateway::start(&yaml, admin), addr(public))
+}
+
+#[test]
+fn a_redis_store_over_tls_with_auth_and_a_wrong_password_falls_back() {
+    if !RedisServer::available() {
+        return;
+    }
+    let pki = Pki::new();
+    let port = free_port();
+    let _redis = RedisServer::start_with(
+        port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &pki.path("server.crt"),
+            "--tls-key-file",
+            &pki.path("server.key"),
+            "--tls-ca-cert-file",
+            &pki.path("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret-redis-pw",
+        ],
+    );
+    let backend = EchoServer::start("app");
+
+    // The right password over TLS: the limit of 3 is counted in Redis (the local fallback's
+    // share would allow fewer).
+    let (gw, to) = tls_gateway(&backend, port, "s3cret-redis-pw", &pki.path("ca.crt"));
+    let statuses: Vec<u16> = (0..4).map(|_| get(to, "/api/x").status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429], "{}", gw.proc.log());
+    let m = gw.metrics();
+    assert!(
+        m.contains("caregate_ratelimit_fallback{store=\"redis\"} 0"),
+        "{m}"
+    );
+    assert!(!m.contains("caregate_ratelimit_store_errors_total"), "{m}");
+
+    // A wrong password: Redis refuses AUTH; requests go on at once with the local share, the
+    // replica says it is in fallback, and the password is in no log line.
+    let (bad, bad_to) = tls_gateway(&backend, port, "not-the-password", &pki.path("ca.crt"));
+    let started = std::time::Instant::now();
+    let statuses: Vec<u16> = (0..3).map(|_| get(bad_to, "/api/y").status).collect();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The local share (0.34 of 3, rounded up) allows fewer than Redis did.
+    assert_eq!(statuses[0], 200);
+    assert_eq!(statuses[2], 429, "{statuses:?}");
+    let m = bad.metrics();
+    assert!(
+        m.contains("caregate_ratelimit_fallback{store=\"redis\"} 1"),
+        "{m}"
+    );
+    assert!(!bad.proc.log().contains("not-the-password"));
+}

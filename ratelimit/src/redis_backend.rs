@@ -70,14 +70,54 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+/// The TLS files of a Redis store (PEM contents).
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    /// The CA of the server's certificate; `None`: the system's roots.
+    pub root_ca: Option<Vec<u8>>,
+    /// A client certificate and its key, for Redis's `tls-auth-clients`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl RedisBackend {
     /// A backend for `url` (checked now; nothing is connected until the first check). `timeout`
     /// bounds connecting and each answer.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| {
-            // The error may quote the URL: name only its kind.
+        Self::with_tls(url, timeout, None)
+    }
+
+    /// As [`RedisBackend::new`], for a `rediss://` URL with its own trust: the CA that signed
+    /// the server's certificate (instead of the system's roots) and a client certificate and
+    /// key for mutual TLS, all PEM.
+    pub fn with_tls(url: &str, timeout: Duration, tls: Option<TlsFiles>) -> Result<Self, String> {
+        // The error may quote the URL: name only its kind.
+        let bad_url = |e: redis::RedisError| {
             format!("not a valid redis:// or rediss:// URL ({:?})", e.kind())
-        })?;
+        };
+        let client = match tls {
+            None => redis::Client::open(url).map_err(bad_url)?,
+            Some(files) => {
+                if !url.starts_with("rediss://") {
+                    return Err("TLS settings need a rediss:// URL".to_string());
+                }
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: files.client.map(|(client_cert, client_key)| {
+                            redis::ClientTlsConfig {
+                                client_cert,
+                                client_key,
+                            }
+                        }),
+                        root_cert: files.root_ca,
+                    },
+                )
+                .map_err(|e| match e.kind() {
+                    redis::ErrorKind::InvalidClientConfig => bad_url(e),
+                    kind => format!("the TLS files were refused ({kind:?})"),
+                })?
+            }
+        };
         Ok(RedisBackend {
             client,
             script: redis::Script::new(GCRA_LUA),

@@ -183,6 +183,22 @@ pub struct StoreConfig {
     pub local_share: Option<f64>,
     #[serde(default)]
     pub max_keys: Option<usize>,
+    /// TLS files of a `rediss://` store: its CA instead of the system's roots, and a client
+    /// certificate for Redis's `tls-auth-clients`.
+    #[serde(default)]
+    pub tls: Option<StoreTls>,
+}
+
+/// `store.tls`: PEM files, relative to the config file's folder.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTls {
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -413,9 +429,42 @@ fn build_limits(list: &[LimitConfig]) -> std::result::Result<Vec<Limit>, BuildEr
     Ok(out)
 }
 
+/// Read the TLS files of a Redis store (checked at build, as `caregate check` reads every
+/// certificate file of a config).
+fn store_tls(
+    t: &StoreTls,
+    cx: &BuildContext,
+) -> std::result::Result<caregate_ratelimit::redis_backend::TlsFiles, BuildError> {
+    let read = |p: &std::path::Path, field: &str| {
+        let path = cx.resolve(p);
+        std::fs::read(&path).map_err(|e| {
+            BuildError::new(
+                format!("config.store.tls.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let root_ca = match &t.ca_file {
+        Some(p) => Some(read(p, "ca_file")?),
+        None => None,
+    };
+    let client = match (&t.client_cert, &t.client_key) {
+        (Some(c), Some(k)) => Some((read(c, "client_cert")?, read(k, "client_key")?)),
+        (None, None) => None,
+        _ => {
+            return Err(BuildError::new(
+                "config.store.tls",
+                "client_cert and client_key go together",
+            ))
+        }
+    };
+    Ok(caregate_ratelimit::redis_backend::TlsFiles { root_ca, client })
+}
+
 fn build_store(
     c: &StoreConfig,
     shared: &Shared,
+    cx: &BuildContext,
 ) -> std::result::Result<(Store, Option<Arc<RedisWarmer>>), BuildError> {
     let max_keys = c.max_keys.unwrap_or(100_000);
     if max_keys == 0 {
@@ -442,6 +491,7 @@ fn build_store(
                 (c.connect_timeout_ms.is_some(), "connect_timeout_ms"),
                 (c.fallback.is_some(), "fallback"),
                 (c.local_share.is_some(), "local_share"),
+                (c.tls.is_some(), "tls"),
             ] {
                 if set {
                     return Err(BuildError::new(
@@ -495,8 +545,22 @@ fn build_store(
                     ClusterFallback::Deny
                 }
             };
-            let id =
-                format!("{url}\u{0}{timeout}\u{0}{retry_after}\u{0}{fallback:?}\u{0}{max_keys}");
+            let tls = match &c.tls {
+                Some(t) => Some(store_tls(t, cx)?),
+                None => None,
+            };
+            // The store's identity: one connection per store, shared by the filters that name
+            // the same one (the TLS files by their contents, so a renewed file is a new store).
+            let tls_id = tls.as_ref().map(|t| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                t.root_ca.hash(&mut h);
+                t.client.hash(&mut h);
+                h.finish()
+            });
+            let id = format!(
+                "{url}\u{0}{timeout}\u{0}{retry_after}\u{0}{fallback:?}\u{0}{max_keys}\u{0}{tls_id:?}"
+            );
             let mut m = match shared.cluster.lock() {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
@@ -505,7 +569,7 @@ fn build_store(
                 return Ok((Store::Cluster(limiter.clone()), Some(warmer.clone())));
             }
             let backend = Arc::new(
-                RedisBackend::new(url, Duration::from_millis(timeout))
+                RedisBackend::with_tls(url, Duration::from_millis(timeout), tls)
                     .map_err(|e| BuildError::new("config.store.url", e))?,
             );
             let limiter = Arc::new(ClusterLimiter::new(
@@ -568,7 +632,7 @@ pub fn build(
     let costs =
         CostTable::with_overrides(&c.costs).map_err(|e| BuildError::new("config.costs", e))?;
     let shared = cx.shared.get_or_init(Shared::default);
-    let (store, warmer) = build_store(&c.store, &shared)?;
+    let (store, warmer) = build_store(&c.store, &shared, cx)?;
     let policies: Vec<String> = limits
         .iter()
         .filter_map(|l| match &l.kind {

@@ -219,9 +219,11 @@ pub struct ServerSettings {
 #[serde(deny_unknown_fields)]
 pub struct ConnectionSettings {
     /// Open client connections of the whole process, all listeners together (0: no cap). A
-    /// connection past it is answered `503 too_many_connections` and closed.
-    #[serde(default = "default_max_connections")]
-    pub max_total: usize,
+    /// connection past it is answered `503 too_many_connections` and closed. Default: 20000,
+    /// or less when the process's open-file limit cannot hold that many (see
+    /// [`ConnectionSettings::effective_max_total`]).
+    #[serde(default)]
+    pub max_total: Option<usize>,
     /// Open connections per client address, the TCP peer (0: no cap). Addresses in
     /// `server.trusted_proxies` and in `exempt` are not capped per address.
     #[serde(default = "default_max_per_client")]
@@ -249,7 +251,7 @@ pub struct ConnectionSettings {
 impl Default for ConnectionSettings {
     fn default() -> Self {
         ConnectionSettings {
-            max_total: default_max_connections(),
+            max_total: None,
             max_per_client: default_max_per_client(),
             exempt: Vec::new(),
             header_timeout_seconds: default_header_timeout(),
@@ -260,8 +262,19 @@ impl Default for ConnectionSettings {
     }
 }
 
-fn default_max_connections() -> usize {
-    20_000
+impl ConnectionSettings {
+    /// The cap on open client connections: `max_total` when set; by default 20000, lowered to
+    /// what `open_files` (the process's open-file limit, when known) can hold with an upstream
+    /// connection for each and some room for the process's own files.
+    pub fn effective_max_total(&self, open_files: Option<u64>) -> usize {
+        if let Some(n) = self.max_total {
+            return n;
+        }
+        let fits = open_files.map_or(20_000, |l| {
+            usize::try_from(l.saturating_sub(256) / 2).unwrap_or(usize::MAX)
+        });
+        fits.clamp(64, 20_000)
+    }
 }
 fn default_max_per_client() -> usize {
     512
@@ -1604,6 +1617,17 @@ routes:
         let l = load_str(&text, PathBuf::from(".")).unwrap();
         assert_eq!(l.config.server.drain_delay_seconds, 0);
         assert_eq!(l.config.server.watch_config_interval_ms, Some(500));
+        // The connection cap fits the open-file limit unless it is set.
+        let c = &l.config.server.connections;
+        assert_eq!(c.effective_max_total(None), 20_000);
+        assert_eq!(c.effective_max_total(Some(1_048_576)), 20_000);
+        assert_eq!(c.effective_max_total(Some(1024)), 384);
+        assert_eq!(c.effective_max_total(Some(100)), 64);
+        let set = ConnectionSettings {
+            max_total: Some(50_000),
+            ..c.clone()
+        };
+        assert_eq!(set.effective_max_total(Some(1024)), 50_000);
         let e = error_of(load_str(
             &text.replace(
                 "watch_config_interval_ms: 500",

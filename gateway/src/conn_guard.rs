@@ -101,6 +101,29 @@ pub fn init_listener(listener: &str) {
     IDLE_CLOSED.with_label_values(&[listener]);
 }
 
+/// The soft limit of open files of this process (`/proc/self/limits`), if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A warning when `max_total` client connections cannot all be open under the process's
+/// open-file limit (each also needs an upstream connection at times, and the process its own
+/// files): accept would then fail with EMFILE before the cap refuses cleanly.
+pub fn fd_limit_warning(max_total: usize, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    let needed = (max_total as u64).saturating_mul(2).saturating_add(256);
+    (max_total == 0 || needed > limit).then(|| {
+        format!(
+            "server.connections.max_total is {} but the open-file limit is {limit}: raise the limit \
+             (LimitNOFILE, ulimit -n) to at least {needed}, or lower max_total, so that the cap \
+             refuses clients cleanly before accept runs out of file descriptors",
+            if max_total == 0 { "unlimited".to_string() } else { max_total.to_string() }
+        )
+    })
+}
+
 /// A listener's caps and deadlines: `server.connections` with the listener's own
 /// `connections` over it, and `server.downstream_keepalive_seconds`.
 #[derive(Debug, Clone)]
@@ -623,6 +646,15 @@ mod tests {
         drop(held);
         assert_eq!(t.open(), 0);
         assert!(t.per_client.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cap_above_the_open_file_limit_is_warned_about() {
+        assert!(fd_limit_warning(20_000, Some(1_048_576)).is_none());
+        let w = fd_limit_warning(20_000, Some(1024)).unwrap();
+        assert!(w.contains("40256"), "{w}");
+        assert!(fd_limit_warning(0, Some(1024)).is_some(), "no cap at all");
+        assert!(fd_limit_warning(20_000, None).is_none(), "limit unknown");
     }
 
     #[test]

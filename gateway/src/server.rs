@@ -274,7 +274,14 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
     // One count of client connections for every listener of the process.
     let idle = (cfg.server.downstream_keepalive_seconds > 0)
         .then(|| std::time::Duration::from_secs(cfg.server.downstream_keepalive_seconds));
-    let conn_tracker = crate::conn_guard::Tracker::new(cfg.server.connections.max_total);
+    let open_files = crate::conn_guard::open_files_limit();
+    let max_total = cfg.server.connections.effective_max_total(open_files);
+    let conn_tracker = crate::conn_guard::Tracker::new(max_total);
+    if cfg.server.connections.max_total.is_some() {
+        if let Some(w) = crate::conn_guard::fd_limit_warning(max_total, open_files) {
+            log::warn!("{w}");
+        }
+    }
     for ((li, l), tls) in cfg.listeners.iter().enumerate().zip(tls_loaded) {
         let conns = cfg.server.connections.for_listener(&l.connections);
         let mut exempt = cfg.server.trusted_proxies.clone();

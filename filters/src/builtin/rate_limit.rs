@@ -104,14 +104,56 @@ impl Writer for RateLimitWriter {
     const NAME: &'static str = "rate_limit";
 }
 
-/// Per-request state (written by `rate_limit` only): the concurrency slots the request holds
-/// (given back in the logging hook, or when the ctx is dropped) and the `RateLimit` field the
-/// response gets.
+/// Per-request state (written by `rate_limit` only; a chain may hold several `rate_limit`
+/// filters, e.g. one for the listener and one for the route, which share it): the concurrency
+/// slots the request holds (given back in the logging hook, or when the ctx is dropped) and the
+/// `RateLimit` and `RateLimit-Policy` fields the response gets.
 #[derive(Debug, Default)]
 pub struct RateLimitState {
     permits: Mutex<Vec<ConcurrencyPermit>>,
-    /// The `RateLimit` field value for an allowed request (enforce mode only).
-    rate_limit: Option<HeaderValue>,
+    /// The `RateLimit` field value for an allowed request (enforce mode only): the most
+    /// constraining limit of every `rate_limit` filter that ran, with its units left.
+    rate_limit: Option<(u64, HeaderValue)>,
+    /// The `RateLimit-Policy` items of the filters that set `rate_limit`.
+    policies: Vec<HeaderValue>,
+}
+
+/// Write this filter's part of the request's state, merged with what an earlier `rate_limit`
+/// filter of the chain wrote.
+fn put_state(
+    ctx: &mut RequestCtx,
+    permits: Vec<ConcurrencyPermit>,
+    rate_limit: Option<(u64, HeaderValue)>,
+    policy: Option<&HeaderValue>,
+) {
+    let policies: Vec<HeaderValue> = match (&rate_limit, policy) {
+        (Some(_), Some(p)) => vec![p.clone()],
+        _ => Vec::new(),
+    };
+    if let Some(state) = ctx.facts.get_mut::<RateLimitState>(RateLimitWriter) {
+        match state.permits.lock() {
+            Ok(mut held) => held.extend(permits),
+            Err(p) => p.into_inner().extend(permits),
+        }
+        state.policies.extend(policies);
+        let tighter = match (&state.rate_limit, &rate_limit) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some((have, _)), Some((new, _))) => new < have,
+        };
+        if tighter {
+            state.rate_limit = rate_limit;
+        }
+        return;
+    }
+    let _ = ctx.facts.insert(
+        RateLimitWriter,
+        RateLimitState {
+            permits: Mutex::new(permits),
+            rate_limit,
+            policies,
+        },
+    );
 }
 
 impl RateLimitState {
@@ -330,14 +372,14 @@ impl BackgroundTask for RedisWarmer {
     }
 }
 
-const DECLARE_NONE: crate::Declaration = crate::Declaration::new().once();
-const DECLARE_PRINCIPAL: crate::Declaration = crate::Declaration::new()
-    .needs(&[crate::Capability::Principal])
-    .once();
+// Not `once`: a listener's rate_limit (say, per client address, before authentication) and a
+// route's (per client or user) run in one chain and share the request's state.
+const DECLARE_NONE: crate::Declaration = crate::Declaration::new();
+const DECLARE_PRINCIPAL: crate::Declaration =
+    crate::Declaration::new().needs(&[crate::Capability::Principal]);
 const DECLARE_PRINCIPAL_TENANT: crate::Declaration = crate::Declaration::new()
     .needs(&[crate::Capability::Principal])
-    .reads(&[crate::Capability::Tenant])
-    .once();
+    .reads(&[crate::Capability::Tenant]);
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
@@ -955,16 +997,14 @@ impl Filter for RateLimitFilter {
                         o.reset_secs()
                     ))
                     .ok()
+                    .map(|v| (o.remaining, v))
                 });
             refusal = refused;
         }
 
         let Some(refusal) = refusal else {
-            let state = RateLimitState {
-                permits: Mutex::new(permits),
-                rate_limit: if shadow { None } else { header },
-            };
-            let _ = ctx.facts.insert(RateLimitWriter, state);
+            let header = if shadow { None } else { header };
+            put_state(ctx, permits, header, self.policy.as_ref());
             return Ok(Decision::Continue);
         };
 
@@ -984,13 +1024,7 @@ impl Filter for RateLimitFilter {
         }
         // In shadow the request goes on (the chain counts the reply as `shadow_deny`) and keeps
         // its slots until it ends; no rate-limit field is sent.
-        let _ = ctx.facts.insert(
-            RateLimitWriter,
-            RateLimitState {
-                permits: Mutex::new(permits),
-                rate_limit: None,
-            },
-        );
+        put_state(ctx, permits, None, None);
         Ok(Decision::Respond(self.refusal_reply(&refusal)))
     }
 
@@ -998,10 +1032,14 @@ impl Filter for RateLimitFilter {
         let Some(state) = ctx.facts.get::<RateLimitState>() else {
             return Ok(());
         };
-        if let Some(v) = &state.rate_limit {
+        // Every rate_limit filter of the chain writes the same merged fields.
+        if let Some((_, v)) = &state.rate_limit {
             let _ = resp.insert_header(HeaderName::from_static("ratelimit"), v.clone());
-            if let Some(p) = &self.policy {
-                let _ = resp.insert_header(HeaderName::from_static("ratelimit-policy"), p.clone());
+            let joined: Vec<&[u8]> = state.policies.iter().map(HeaderValue::as_bytes).collect();
+            if let Ok(p) = HeaderValue::from_bytes(&joined.join(&b", "[..])) {
+                if !p.is_empty() {
+                    let _ = resp.insert_header(HeaderName::from_static("ratelimit-policy"), p);
+                }
             }
         }
         Ok(())
@@ -1038,6 +1076,40 @@ mod tests {
     }
 
     const KEY: &str = "hash_key: 0123456789abcdef0123456789abcdef";
+
+    #[tokio::test]
+    async fn a_listener_limit_and_a_route_limit_share_one_chain() {
+        // The listener's per-address limit (generous) and the route's (tight) both count every
+        // request; the response names the tighter one and both policies; slots of both go back.
+        let h = harness(
+            "- kind: rate_limit\n  config:\n    limits:\n      - { name: per-addr, key: [client_addr], rate: 100, per_seconds: 60 }\n      - { name: addr-in-flight, key: [client_addr], concurrency: 5 }\n- kind: rate_limit\n  config:\n    limits:\n      - { name: route-tight, key: [route], rate: 2, per_seconds: 60 }\n",
+        );
+        let addr = "192.0.2.9".parse().unwrap();
+        let mut x = h.request("GET", "/api/x").client(addr);
+        assert!(x.run_request().await.is_continue());
+        assert_eq!(
+            x.ctx.facts.get::<RateLimitState>().unwrap().held(),
+            1,
+            "the listener's concurrency slot"
+        );
+        let resp = x.respond(200, &[], b"ok");
+        assert_eq!(resp.header("ratelimit"), Some("\"route-tight\";r=1;t=30"));
+        assert_eq!(
+            resp.header("ratelimit-policy"),
+            Some("\"per-addr\";q=100;w=60, \"route-tight\";q=2;w=60")
+        );
+        x.logging();
+        assert_eq!(x.ctx.facts.get::<RateLimitState>().unwrap().held(), 0);
+        let mut y = h.request("GET", "/api/x").client(addr);
+        assert!(y.run_request().await.is_continue());
+        y.logging();
+        // The route's limit refuses the third; the listener's had room.
+        let mut z = h.request("GET", "/api/x").client(addr);
+        let out = z.run_request().await;
+        assert_eq!(out.status(), Some(429));
+        z.logging();
+        assert_eq!(z.ctx.facts.get::<RateLimitState>().unwrap().held(), 0);
+    }
 
     #[tokio::test]
     async fn burst_then_429_with_headers() {

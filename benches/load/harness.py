@@ -8,8 +8,13 @@ CPU 0. All SUTs run at once on their own loopback ports; each round measures eve
 pair in a shuffled order, so drift on this shared machine spreads over all systems. Figures are
 reported as per-round ratios: median [min-max].
 
-Fails (exit 1) when a SUT answers with errors or unexpected statuses, or when a ratio cannot be
-computed. There is no speed assertion.
+The caregate-chain-ratelimit-{local,redis} gateways are the full chain plus a `rate_limit` filter
+whose limits never refuse, kept in memory or in a redis-server the harness starts on CPU 0 (beside
+the load generator and the origin); their ratios to caregate-chain are the filter's cost.
+
+Fails (exit 1) when a SUT answers with errors or unexpected statuses, when a rate-limited gateway
+did not check every request or used its Redis fallback (store errors, fallback gauge), or when a
+ratio cannot be computed. There is no speed assertion.
 """
 import argparse
 import json
@@ -77,6 +82,46 @@ def http_get(port, path, headers=None, timeout=5.0):
         return e.code, e.read(), dict(e.headers)
 
 
+def redis_command(port, *args, timeout=2.0):
+    """One command to a redis-server over RESP; returns the reply's text (a status or a bulk string)."""
+    req = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(req)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise OSError("redis closed the connection")
+            buf += chunk
+            if buf[:1] in (b"+", b"-", b":") and buf.endswith(b"\r\n"):
+                return buf[1:-2].decode()
+            if buf[:1] == b"$" and b"\r\n" in buf:
+                size, _, rest = buf[1:].partition(b"\r\n")
+                if int(size) < 0:
+                    return None
+                if len(rest) >= int(size) + 2:
+                    return rest[: int(size)].decode()
+
+
+def redis_script_calls(port):
+    """How many times Lua scripts ran (EVALSHA + EVAL calls, from INFO commandstats)."""
+    info = redis_command(port, "INFO", "commandstats") or ""
+    return sum(int(m.group(1)) for m in re.finditer(r"^cmdstat_eval(?:sha)?:calls=(\d+)", info, re.M))
+
+
+def prometheus_samples(port):
+    """The admin endpoint's /metrics as {(name, labels): value}."""
+    status, body, _ = http_get(port, "/metrics")
+    if status != 200:
+        raise HarnessError(f"/metrics on the admin port {port}: {status}")
+    out = {}
+    for line in body.decode().splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if m:
+            out[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return out
+
+
 # ---------------------------------------------------------------- process accounting
 
 
@@ -132,7 +177,11 @@ class Sut:
         out = open(log_dir / f"{name}.log", "wb") if log_dir else subprocess.DEVNULL
         self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         self.ready = ready or (lambda: socket.create_connection(("127.0.0.1", port), timeout=0.5).close() is None)
-        wait_for(name, self.ready, proc=self.proc)
+        try:
+            wait_for(name, self.ready, proc=self.proc)
+        except BaseException:
+            self.stop()  # not in the caller's list yet: it would outlive the run
+            raise
 
     def pids(self):
         if self.proc.poll() is not None:
@@ -246,9 +295,13 @@ backend be
 """
 
 
-def caregate_conf(d, name, port, admin, origin, kind, routes=10, tenants=1, cache_entries=100000, audit=True, compartment=False):
+def caregate_conf(d, name, port, admin, origin, kind, routes=10, tenants=1, cache_entries=100000, audit=True, compartment=False, rate_limit=None):
+    # Every client here is one address (127.0.0.1) standing for many, and the memory test holds
+    # up to 10,000 idle connections: the connection caps (server.connections.max_per_client, 512
+    # by default; max_total, by default lowered to what the open-file limit holds, 9,872 under a
+    # limit of 20,000) would refuse them with 503s, so both are off.
     head = f"""
-server: {{ threads: 1, work_stealing: false, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, downstream_keepalive_seconds: 300 }}
+server: {{ threads: 1, work_stealing: false, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, downstream_keepalive_seconds: 300, connections: {{ max_per_client: 0, max_total: 0 }} }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 access_log: {{ enabled: false }}
 listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{port}" }} ]
@@ -317,6 +370,8 @@ routes:
                 lines.append("    filters:")
                 lines.append("      - { kind: jwt_auth }")
                 lines.append("      - { kind: tenant, config: { resolve: [host] } }")
+                if r == 0 and rate_limit:
+                    lines += rate_limit_filter(d, rate_limit)
                 if r == 0:
                     lines.append("      - { kind: smart_scopes }")
                     if compartment:
@@ -329,6 +384,33 @@ routes:
     path = d / f"{name}.yaml"
     path.write_text(head + body)
     return path
+
+
+# The rate_limit filter of the caregate-chain-ratelimit-* gateways: one limit per user (keyed on the
+# hashed subject: 1,000 users in rotation) and one per client address, both far above any rate this
+# machine reaches, so every request is checked against both and allowed. A refusal would show as a
+# non-2xx and fail the run.
+RATE_LIMITS = 2
+
+
+def rate_limit_filter(d, store):
+    key_file = d / "ratelimit.key"
+    if not key_file.exists():
+        key_file.write_text(os.urandom(32).hex() + "\n")
+    if store == "local":
+        store_yaml = "{ kind: local }"
+    else:
+        store_yaml = f'{{ kind: redis, url: "redis://127.0.0.1:{store}/0", timeout_ms: 250, fallback: local, local_share: 1.0 }}'
+    return [
+        "      - kind: rate_limit",
+        "        config:",
+        "          mode: enforce",
+        f'          hash_key: "${{file:{key_file}}}"',
+        f"          store: {store_yaml}",
+        "          limits:",
+        "            - { name: per-user, key: [subject], rate: 1000000, per_seconds: 1 }",
+        "            - { name: per-address, key: [client_addr], rate: 1000000, per_seconds: 1 }",
+    ]
 
 
 # ---------------------------------------------------------------- load generators
@@ -478,7 +560,7 @@ def main():
     latency = args.latency == "on" or (args.latency == "auto" and not args.quick and shutil.which("oha"))
     if args.latency == "on" and not shutil.which("oha"):
         raise HarnessError("--latency on needs oha (cargo install oha)")
-    for tool in ("wrk", "nginx", "haproxy", "taskset", "node"):
+    for tool in ("wrk", "nginx", "haproxy", "taskset", "node", "redis-server"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise HarnessError(f"{tool} is not installed (run benches/load/run.sh)")
     if not Path(args.caregate).exists():
@@ -520,6 +602,11 @@ def main():
         p = free_port()
         (d / "haproxy-jwt.cfg").write_text(haproxy_conf(p, origin_port, pub_pem=d / "jwt-pub.pem"))
         suts["haproxy-jwt"] = Sut("haproxy-jwt", [haproxy_bin, "-db", "-f", str(d / "haproxy-jwt.cfg")], p, 1, log_dir=d)
+        # The shared store of caregate-chain-ratelimit-redis: a real redis-server on CPU 0 beside the
+        # load generator and the origin (the SUT's CPU stays the gateway's alone).
+        redis_port = free_port()
+        redis_argv = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        suts["redis"] = Sut("redis", redis_argv, redis_port, 0, cwd=d, ready=lambda: redis_command(redis_port, "PING", timeout=0.5) == "PONG", log_dir=d)
         caregates = {
             "caregate": dict(kind="pass"),
             "caregate-chain": dict(kind="chain"),
@@ -527,8 +614,12 @@ def main():
             "caregate-chain-noaudit": dict(kind="chain", audit=False),
             "caregate-chain-scale": dict(kind="chain", routes=1000, tenants=100),
             "caregate-chain-compartment": dict(kind="chain", compartment=True),
+            "caregate-chain-ratelimit-local": dict(kind="chain", rate_limit="local"),
+            "caregate-chain-ratelimit-redis": dict(kind="chain", rate_limit=redis_port),
             "caregate-mask": dict(kind="mask"),
         }
+        rate_limited = {"caregate-chain-ratelimit-local": None, "caregate-chain-ratelimit-redis": redis_port}
+        admins = {}
         binaries = {name: args.caregate for name in caregates}
         if args.baseline:
             if not Path(args.baseline).exists():
@@ -539,6 +630,7 @@ def main():
         for name, kw in caregates.items():
             p, admin = free_port(), free_port()
             conf = caregate_conf(d, name, p, admin, origin_port, **kw)
+            admins[name] = admin
             binary = binaries[name]
             check = subprocess.run([binary, "check", "-c", str(conf)], capture_output=True, text=True)
             if check.returncode != 0:
@@ -566,6 +658,8 @@ def main():
             ("jwt", "caregate-chain-10k-tokens", "caregate-chain", PATIENT_PATH, TENANT_HOST, tokens[10000]),
             ("jwt", "caregate-chain-1000-routes", "caregate-chain-scale", PATIENT_PATH, TENANT_HOST, tokens[1000]),
             ("jwt", "caregate-chain-compartment", "caregate-chain-compartment", PATIENT_PATH, TENANT_HOST, tokens[1000]),
+            ("jwt", "caregate-chain-ratelimit-local", "caregate-chain-ratelimit-local", PATIENT_PATH, TENANT_HOST, tokens[1000]),
+            ("jwt", "caregate-chain-ratelimit-redis", "caregate-chain-ratelimit-redis", PATIENT_PATH, TENANT_HOST, tokens[1000]),
             ("search70k", "nginx", "nginx", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate", "caregate", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate-mask", "caregate-mask", SEARCH_PATH, "localhost", None),
@@ -581,9 +675,10 @@ def main():
         preflight(suts, one_token)
         # Clients reuse a token many times within its lifetime: every token has been seen once
         # before the measured runs, as a gateway in service would have seen it.
-        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment", "caregate-chain-baseline", "caregate-chain-compartment-baseline"):
+        for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment", "caregate-chain-ratelimit-local", "caregate-chain-ratelimit-redis", "caregate-chain-baseline", "caregate-chain-compartment-baseline"):
             if name in suts:
                 prime(suts[name].port, all_tokens)
+        measured = {name: 0 for name in rate_limited}
 
         for rnd in range(rounds):
             order = cases[:]
@@ -593,15 +688,25 @@ def main():
                 sut = suts[sut_name]
                 run_wrk(sut.port, path, warmup, args.connections, host, tfile)
                 pids = sut.pids()
-                before = cpu_ticks(pids)
+                redis_pids = suts["redis"].pids() if rate_limited.get(sut_name) else []
+                before, redis_before = cpu_ticks(pids), cpu_ticks(redis_pids)
                 r = run_wrk(sut.port, path, duration, args.connections, host, tfile)
                 ticks = cpu_ticks(sut.pids()) - before
                 r.update(round=rnd, scenario=scenario, sut=label)
                 r["cpu_us_per_req"] = ticks / CLK_TCK * 1e6 / r["requests"] if r["requests"] else None
+                if redis_pids and r["requests"]:
+                    r["redis_cpu_us_per_req"] = (cpu_ticks(redis_pids) - redis_before) / CLK_TCK * 1e6 / r["requests"]
                 if r["non2xx"] or r["socket_errors"] or not r["requests"]:
                     raise HarnessError(f"{label} ({scenario}): {r['non2xx']} non-2xx responses, {r['socket_errors']} socket errors, {r['requests']} requests")
+                if sut_name in rate_limited:
+                    measured[sut_name] += r["requests"]
+                    check_rate_limits(sut_name, admins[sut_name], measured[sut_name], rate_limited[sut_name])
                 log(f"  {scenario:10} {label:28} {r['rps']:10.0f} req/s  {r['cpu_us_per_req'] or 0:7.1f} CPU-us/req")
                 results["closed"].append(r)
+
+        for name, redis in rate_limited.items():
+            results.setdefault("rate_limit_checks", {})[name] = check_rate_limits(name, admins[name], measured[name], redis)
+            log(f"  {name}: {results['rate_limit_checks'][name]}")
 
         if latency:
             measure_latency(results, suts, duration, one_token)
@@ -630,11 +735,15 @@ def preflight(suts, token):
         status, body, _ = http_get(suts[name].port, PATIENT_PATH)
         if status != 200 or body != patient:
             raise HarnessError(f"preflight {name}: {status}, {len(body)} bytes")
-    for name in ("haproxy-jwt", "caregate-chain", "caregate-chain-nocache", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment"):
+    for name in ("haproxy-jwt", "caregate-chain", "caregate-chain-nocache", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment", "caregate-chain-ratelimit-local", "caregate-chain-ratelimit-redis"):
         port = suts[name].port
-        status, body, _ = http_get(port, PATIENT_PATH, {"Host": TENANT_HOST, "Authorization": f"Bearer {token}"})
+        status, body, headers = http_get(port, PATIENT_PATH, {"Host": TENANT_HOST, "Authorization": f"Bearer {token}"})
         if status != 200 or body != patient:
             raise HarnessError(f"preflight {name} with a token: {status} {body[:200]!r}")
+        # The rate-limited gateways checked the request and allowed it: the answer carries the limits.
+        has_limits = {k.lower() for k in headers} >= {"ratelimit", "ratelimit-policy"}
+        if has_limits != ("ratelimit" in name):
+            raise HarnessError(f"preflight {name}: RateLimit fields {'missing' if not has_limits else 'unexpected'}: {headers}")
         status, _, _ = http_get(port, PATIENT_PATH, {"Host": TENANT_HOST})
         if status != 401:
             raise HarnessError(f"preflight {name} without a token: {status}, expected 401")
@@ -667,6 +776,43 @@ def prime(port, tokens):
                 raise HarnessError(f"priming the token cache: {r.status}")
     finally:
         conn.close()
+
+
+def check_rate_limits(name, admin, requests, redis_port):
+    """A rate-limited gateway checked at least every measured request against both limits and
+    allowed it, without a Redis error or a fallback (from its /metrics, and Redis's own count of
+    script runs): the Redis figure is the Redis path. Returns the counts."""
+    samples = prometheus_samples(admin)
+
+    def total(metric, **want):
+        out = 0.0
+        for (n, labels), v in samples.items():
+            have = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if n == metric and all(have.get(k) == w for k, w in want.items()):
+                out += v
+        return out
+
+    decisions = total("caregate_ratelimit_decisions_total")
+    allowed = total("caregate_ratelimit_decisions_total", result="allowed")
+    errors = total("caregate_ratelimit_store_errors_total")
+    fallback = [v for (n, labels), v in samples.items() if n == "caregate_ratelimit_fallback" and 'store="redis"' in labels]
+    counts = {"measured_requests": requests, "allowed_decisions": int(allowed), "other_decisions": int(decisions - allowed), "store_errors": int(errors)}
+    if errors:
+        raise HarnessError(f"{name}: {int(errors)} rate-limit store errors (Redis timed out or failed; the fallback answered)")
+    if any(v != 0 for v in fallback):
+        raise HarnessError(f"{name}: caregate_ratelimit_fallback{{store=\"redis\"}} is 1: Redis unavailable, the local fallback answered")
+    if decisions != allowed:
+        raise HarnessError(f"{name}: {int(decisions - allowed)} rate-limit decisions other than allowed")
+    if allowed < RATE_LIMITS * requests:
+        raise HarnessError(f"{name}: {int(allowed)} allowed rate-limit decisions for {requests} measured requests x {RATE_LIMITS} limits")
+    if redis_port is not None:
+        if not fallback:
+            raise HarnessError(f"{name}: no caregate_ratelimit_fallback{{store=\"redis\"}} gauge: the filter has no Redis store")
+        calls = redis_script_calls(redis_port)
+        counts["redis_script_calls"] = calls
+        if calls < RATE_LIMITS * requests:
+            raise HarnessError(f"{name}: Redis ran the limit script {calls} times for {requests} measured requests x {RATE_LIMITS} limits")
+    return counts
 
 
 def measure_latency(results, suts, duration, token):
@@ -755,6 +901,15 @@ def report(results):
     audit_cost = diff(per_round("jwt", "caregate-chain", "cpu_us_per_req"), per_round("jwt", "caregate-chain-noaudit", "cpu_us_per_req"))
     mask_cost = diff(per_round("search70k", "caregate-mask", "cpu_us_per_req"), per_round("search70k", "caregate", "cpu_us_per_req"))
     compartment_cost = diff(per_round("jwt", "caregate-chain-compartment", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
+    rows += [
+        ("rate limit, local store / full chain without it, throughput", ratio(per_round("jwt", "caregate-chain-ratelimit-local"), per_round("jwt", "caregate-chain")), ""),
+        ("rate limit, local store / full chain without it, CPU per request", ratio(per_round("jwt", "caregate-chain-ratelimit-local", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req")), ""),
+        ("rate limit, Redis store / full chain without it, throughput", ratio(per_round("jwt", "caregate-chain-ratelimit-redis"), per_round("jwt", "caregate-chain")), ""),
+        ("rate limit, Redis store / full chain without it, CPU per request", ratio(per_round("jwt", "caregate-chain-ratelimit-redis", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req")), ""),
+    ]
+    rl_local_cost = diff(per_round("jwt", "caregate-chain-ratelimit-local", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
+    rl_redis_cost = diff(per_round("jwt", "caregate-chain-ratelimit-redis", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
+    redis_cpu = spread(per_round("jwt", "caregate-chain-ratelimit-redis", "redis_cpu_us_per_req").values())
     if any(r["sut"] == "caregate-baseline" for r in closed):
         rows += [
             ("passthrough throughput, this build / baseline", ratio(per_round("patient", "caregate"), per_round("patient", "caregate-baseline")), "~1.0"),
@@ -775,6 +930,9 @@ def report(results):
     print(f"| durable audit trail: extra CPU-us per request | {fmt_spread(audit_cost, '', 1)} | (reported) |")
     print(f"| masking: extra CPU-us per 70 KB response | {fmt_spread(mask_cost, '', 1)} | (reported) |")
     print(f"| patient compartment (whole exchange): extra CPU-us per read | {fmt_spread(compartment_cost, '', 1)} | (reported) |")
+    print(f"| rate limit, local store (2 limits): extra CPU-us per request | {fmt_spread(rl_local_cost, '', 1)} | (reported) |")
+    print(f"| rate limit, Redis store (2 limits): extra CPU-us per request in the gateway | {fmt_spread(rl_redis_cost, '', 1)} | (reported) |")
+    print(f"| rate limit, Redis store: redis-server CPU-us per request (CPU 0, with the load generator) | {fmt_spread(redis_cpu, '', 1)} | (reported) |")
 
     mem = results["memory"]
     if "caregate" in mem and "nginx" in mem and mem["nginx"]["rss_kib"]:

@@ -3,18 +3,25 @@
 #   bash benches/load/run.sh            full run: 5 rounds, 10 s per point, open-loop latency with oha
 #   bash benches/load/run.sh --quick    every scenario briefly, 2 rounds, no oha (what CI runs)
 # Other flags go to harness.py (--rounds, --duration, --idle, --latency on|off, --out FILE).
-# Installs what it needs (Debian nginx-light, haproxy, wrk, nodejs; oha from crates.io unless
-# --quick), builds caregate in release mode, then runs benches/load/harness.py.
+# Installs what it needs (Debian nginx-light, haproxy, wrk, nodejs, redis-server; oha from
+# crates.io unless --quick or --latency off), builds caregate in release mode, then runs
+# benches/load/harness.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 quick=0
-for a in "$@"; do [[ "$a" == "--quick" ]] && quick=1; done
+no_latency=0
+prev=""
+for a in "$@"; do
+  [[ "$a" == "--quick" ]] && quick=1
+  [[ "$a" == "--latency=off" || ("$prev" == "--latency" && "$a" == "off") ]] && no_latency=1
+  prev=$a
+done
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 need=()
-for pair in nginx:nginx-light haproxy:haproxy wrk:wrk node:nodejs taskset:util-linux openssl:openssl python3:python3; do
+for pair in nginx:nginx-light haproxy:haproxy wrk:wrk node:nodejs taskset:util-linux openssl:openssl python3:python3 redis-server:redis-server; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! -x /usr/sbin/$cmd ]]; then need+=("$pkg"); fi
 done
@@ -23,7 +30,7 @@ if ((${#need[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ((quick == 0)) && ! command -v oha >/dev/null 2>&1; then
+if ((quick == 0 && no_latency == 0)) && ! command -v oha >/dev/null 2>&1; then
   echo "installing oha (open-loop load generator) from crates.io" >&2
   cargo install --locked oha
 fi

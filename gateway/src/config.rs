@@ -231,6 +231,10 @@ pub struct ConnectionSettings {
     /// More client addresses not capped per address (load balancers, NAT gateways).
     #[serde(default)]
     pub exempt: Vec<IpNet>,
+    /// Loopback clients (`127.0.0.0/8`, `::1`) are on this host — a sidecar, a local proxy, a
+    /// probe — and are not capped per address (they count in `max_total`).
+    #[serde(default = "default_true")]
+    pub exempt_loopback: bool,
     /// From a request's first byte until its header is complete, however the bytes trickle
     /// in: a client that is slower is cut off (slowloris).
     #[serde(default = "default_header_timeout")]
@@ -254,6 +258,7 @@ impl Default for ConnectionSettings {
             max_total: None,
             max_per_client: default_max_per_client(),
             exempt: Vec::new(),
+            exempt_loopback: true,
             header_timeout_seconds: default_header_timeout(),
             body_min_rate_bytes_per_second: default_body_min_rate(),
             body_grace_seconds: default_body_grace(),
@@ -412,6 +417,7 @@ impl ConnectionSettings {
             max_total: self.max_total,
             max_per_client: listener.max_per_client.unwrap_or(self.max_per_client),
             exempt,
+            exempt_loopback: self.exempt_loopback,
             header_timeout_seconds: listener
                 .header_timeout_seconds
                 .unwrap_or(self.header_timeout_seconds),

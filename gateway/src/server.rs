@@ -286,6 +286,13 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
         let conns = cfg.server.connections.for_listener(&l.connections);
         let mut exempt = cfg.server.trusted_proxies.clone();
         exempt.extend(conns.exempt.iter().cloned());
+        if conns.exempt_loopback {
+            exempt.extend(
+                ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|n| n.parse::<ipnet::IpNet>().ok()),
+            );
+        }
         let limits = crate::conn_guard::Limits {
             max_per_client: conns.max_per_client,
             exempt,

@@ -264,7 +264,7 @@ fn connection_caps_per_client_address_and_in_total() {
         public,
         admin,
         backend.addr,
-        ", trusted_proxies: [\"127.0.0.2/32\"], connections: { max_per_client: 3, max_total: 8 }",
+        ", trusted_proxies: [\"127.0.0.2/32\"], connections: { max_per_client: 3, max_total: 8, exempt_loopback: false }",
     );
     let gw = Gateway::start(&yaml, admin);
     let to = addr(public);

@@ -175,6 +175,8 @@ fn the_kubernetes_configmap_config_passes_check() {
     )
     .unwrap();
     std::fs::write(secrets.join("admin-token"), "an-admin-token\n").unwrap();
+    std::fs::write(secrets.join("ratelimit-key"), "a-rate-limit-hash-key\n").unwrap();
+    std::fs::write(secrets.join("redis-password"), "a-redis-password\n").unwrap();
     let config = config
         .replace("/etc/caregate/tls/", &format!("{}/", tls.display()))
         .replace("/etc/caregate/secrets/", &format!("{}/", secrets.display()));

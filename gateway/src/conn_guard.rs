@@ -46,7 +46,7 @@ use pingora::protocols::{
 };
 use pingora::protocols::{Stream, IO};
 use pingora::server::ShutdownWatch;
-use prometheus::{register_int_counter_vec, IntCounterVec};
+use prometheus::{register_int_counter_vec, IntCounterVec, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -187,6 +187,7 @@ impl Tracker {
         listener: &Arc<str>,
         limits: &Limits,
         peer: Option<IpAddr>,
+        open: &IntGauge,
     ) -> Result<Admission, Refusal> {
         let max_total = self.max_total;
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
@@ -213,13 +214,12 @@ impl Tracker {
             }
             _ => None,
         };
-        crate::metrics::LISTENER_CONNECTIONS
-            .with_label_values(&[listener.as_ref()])
-            .inc();
+        open.inc();
         Ok(Admission {
             tracker: self.clone(),
             listener: listener.clone(),
             counted,
+            open: open.clone(),
         })
     }
 }
@@ -230,6 +230,8 @@ pub struct Admission {
     tracker: Arc<Tracker>,
     listener: Arc<str>,
     counted: Option<IpAddr>,
+    /// The listener's `caregate_listener_connections` series.
+    open: IntGauge,
 }
 
 impl Drop for Admission {
@@ -248,9 +250,7 @@ impl Drop for Admission {
                 }
             }
         }
-        crate::metrics::LISTENER_CONNECTIONS
-            .with_label_values(&[self.listener.as_ref()])
-            .dec();
+        self.open.dec();
     }
 }
 
@@ -260,6 +260,8 @@ pub struct Guarded<A> {
     listener: Arc<str>,
     tracker: Arc<Tracker>,
     limits: Limits,
+    /// The listener's `caregate_listener_connections` series, looked up once.
+    open: IntGauge,
 }
 
 impl<A> Guarded<A> {
@@ -270,6 +272,7 @@ impl<A> Guarded<A> {
             listener: Arc::from(listener),
             tracker,
             limits,
+            open: crate::metrics::LISTENER_CONNECTIONS.with_label_values(&[listener]),
         }
     }
 }
@@ -303,7 +306,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-        let admission = match self.tracker.admit(&self.listener, &self.limits, peer) {
+        let admission = match self
+            .tracker
+            .admit(&self.listener, &self.limits, peer, &self.open)
+        {
             Ok(a) => a,
             Err(reason) => {
                 REFUSED
@@ -614,33 +620,39 @@ mod tests {
     #[test]
     fn per_client_cap_holds_and_frees_on_close() {
         let t = Tracker::new(0);
+        let open = IntGauge::new("test_open", "open connections").unwrap();
         let lim = limits(2, &[]);
         let l: Arc<str> = Arc::from("t-per-client");
         let other_listener: Arc<str> = Arc::from("t-per-client-2");
         let a: IpAddr = "10.1.1.1".parse().unwrap();
         let b: IpAddr = "10.1.1.2".parse().unwrap();
-        let one = t.admit(&l, &lim, Some(a)).unwrap();
-        let _two = t.admit(&l, &lim, Some(a)).unwrap();
-        assert_eq!(t.admit(&l, &lim, Some(a)).err(), Some(Refusal::PerClient));
+        let one = t.admit(&l, &lim, Some(a), &open).unwrap();
+        let _two = t.admit(&l, &lim, Some(a), &open).unwrap();
+        assert_eq!(
+            t.admit(&l, &lim, Some(a), &open).err(),
+            Some(Refusal::PerClient)
+        );
         // Another address, or the same address on another listener, is not affected.
-        let _other = t.admit(&l, &lim, Some(b)).unwrap();
-        let _elsewhere = t.admit(&other_listener, &lim, Some(a)).unwrap();
+        let _other = t.admit(&l, &lim, Some(b), &open).unwrap();
+        let _elsewhere = t.admit(&other_listener, &lim, Some(a), &open).unwrap();
         drop(one);
-        let _again = t.admit(&l, &lim, Some(a)).unwrap();
+        let _again = t.admit(&l, &lim, Some(a), &open).unwrap();
         assert_eq!(t.open(), 4, "the refused and dropped ones are not counted");
     }
 
     #[test]
     fn total_cap_and_exempt_addresses() {
         let t = Tracker::new(3);
+        let open = IntGauge::new("test_open", "open connections").unwrap();
         let lim = limits(1, &["192.0.2.0/24"]);
         let l: Arc<str> = Arc::from("t-total");
         let lb: IpAddr = "192.0.2.7".parse().unwrap();
         let held: Vec<_> = (0..3)
-            .map(|_| t.admit(&l, &lim, Some(lb)).unwrap())
+            .map(|_| t.admit(&l, &lim, Some(lb), &open).unwrap())
             .collect();
         assert_eq!(
-            t.admit(&l, &lim, Some("10.0.0.1".parse().unwrap())).err(),
+            t.admit(&l, &lim, Some("10.0.0.1".parse().unwrap()), &open)
+                .err(),
             Some(Refusal::Total)
         );
         drop(held);

@@ -399,22 +399,23 @@ impl Detector {
 
 /// A pool's cap on upstream requests in flight (one slot per request, whatever its attempts).
 pub struct Bulkhead {
-    pool: Arc<str>,
     /// 0: no cap (the requests are still counted).
     max: usize,
     in_flight: Arc<AtomicUsize>,
+    /// The pool's series, looked up once (not per request).
+    gauge: prometheus::IntGauge,
+    refusals: prometheus::IntCounter,
 }
 
 impl Bulkhead {
     pub fn new(pool: Arc<str>, max: usize) -> Self {
         // The pool's series, present at 0 from the first scrape.
-        BULKHEAD_REFUSALS.with_label_values(&[&*pool]);
-        POOL_IN_FLIGHT.with_label_values(&[&*pool]);
         RETRY_BUDGET_EXHAUSTED.with_label_values(&[&*pool]);
         Bulkhead {
-            pool,
             max,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            gauge: POOL_IN_FLIGHT.with_label_values(&[&*pool]),
+            refusals: BULKHEAD_REFUSALS.with_label_values(&[&*pool]),
         }
     }
 
@@ -432,10 +433,10 @@ impl Bulkhead {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         if self.max > 0 && before >= self.max {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            BULKHEAD_REFUSALS.with_label_values(&[&*self.pool]).inc();
+            self.refusals.inc();
             return None;
         }
-        let gauge = POOL_IN_FLIGHT.with_label_values(&[&*self.pool]);
+        let gauge = self.gauge.clone();
         gauge.inc();
         Some(Slot {
             in_flight: self.in_flight.clone(),

@@ -877,6 +877,15 @@ pub(crate) fn final_response_written(session: &Session) -> bool {
         .unwrap_or(false)
 }
 
+/// The facts of the streaming path's request that the retry rule judges.
+fn retry_request(session: &Session) -> retry::Request {
+    retry::Request {
+        idempotent: session.req_header().method.is_idempotent(),
+        body_replayable: !session.as_ref().retry_buffer_truncated(),
+        response_started: final_response_written(session),
+    }
+}
+
 pub(crate) fn request_has_body(session: &Session) -> bool {
     let h = &session.req_header().headers;
     if h.contains_key(header::TRANSFER_ENCODING) {
@@ -1080,11 +1089,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let req = retry::Request {
-            idempotent: session.req_header().method.is_idempotent(),
-            body_replayable: !session.as_ref().retry_buffer_truncated(),
-            response_started: final_response_written(session),
-        };
+        let req = retry_request(session);
         e.set_retry(self.note_failure(ctx, retry::Failure::Connect, req));
         e
     }
@@ -1103,11 +1108,7 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
             return e;
         }
-        let req = retry::Request {
-            idempotent: session.req_header().method.is_idempotent(),
-            body_replayable: !session.as_ref().retry_buffer_truncated(),
-            response_started: final_response_written(session),
-        };
+        let req = retry_request(session);
         let failure = retry::Failure::after_send(&e);
         e.set_retry(self.note_failure(ctx, failure, req));
         e
@@ -1149,11 +1150,7 @@ impl ProxyHttp for Gateway {
             // Nothing of this response went downstream: an idempotent request goes to another
             // backend (the one retry rule decides, budget included); otherwise the client gets
             // the status as the backend sent it.
-            let req = retry::Request {
-                idempotent: session.req_header().method.is_idempotent(),
-                body_replayable: !session.as_ref().retry_buffer_truncated(),
-                response_started: final_response_written(session),
-            };
+            let req = retry_request(session);
             if self.note_failure(ctx, retry::Failure::Status, req) {
                 let mut e = Error::explain(
                     ErrorType::Custom(RETRY_ON_STATUS),

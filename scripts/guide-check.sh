@@ -62,5 +62,8 @@ done < <(cd "$example" && find . -type f ! -name Cargo.toml ! -name '*.jsonl' | 
 sed -i "s|\.\./caregate/|$root/|g" "$scratch/Cargo.toml"
 cp Cargo.lock "$scratch/Cargo.lock"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+# The workspace's dev profile (a crate outside the workspace does not inherit it): shared
+# dependencies are reused, and the debug info stays as small as the workspace's.
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 cargo test --offline --manifest-path "$scratch/Cargo.toml" --lib --bins --tests
 echo "guide-check: ok"

@@ -21,7 +21,7 @@ cd "$ROOT"
 list_metrics() {
     # Metric names only (recording rules are named caregate:..., which this does not match);
     # histogram series map back to their family.
-    grep -ohE 'caregate_[a-z_]+' "$DASHBOARD" "$RULES" \
+    grep -ohE 'caregate_[a-z0-9_]+' "$DASHBOARD" "$RULES" \
         | sed -E 's/_(bucket|sum|count)$//' \
         | sort -u
 }
@@ -129,7 +129,7 @@ for v in variables:
     if v["name"] in ("listener", "route"):
         queries.append(("variable " + v["name"], v.get("definition", "")))
         queries.append(("variable " + v["name"], v.get("query", {}).get("query", "")))
-selector = re.compile(r"\b((?:caregate|process)_[a-z_]+)(\{[^}]*\})?")
+selector = re.compile(r"\b((?:caregate|process)_[a-z0-9_]+)(\{[^}]*\})?")
 for title, expr in queries:
     if not expr:
         bad.append(title + ": empty query")

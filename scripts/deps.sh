@@ -2,7 +2,7 @@
 # Installs what caregate needs to build and test on Debian/Ubuntu: cmake (Pingora's zlib-ng), a C
 # toolchain and perl (vendored OpenSSL), pkg-config, curl and openssl (TLS tests), Node.js and npm
 # (the OpenID provider and the FHIR schema validator the tests run), their npm packages, and
-# the fhirpy client in a Python virtual environment.
+# the fhirpy client and the HL7 v2 peers (python-hl7, hl7apy) in Python virtual environments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -26,4 +26,8 @@ if [ "${1:-}" = "--with-test-peers" ]; then
   venv=integration-tests/peers/fhirpy/.venv
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r integration-tests/peers/fhirpy/requirements.txt
+  # The HL7 v2 peers: python-hl7's MLLP client and hl7apy's MLLP server (integration-tests/tests/hl7_mllp.rs).
+  venv=integration-tests/peers/hl7/.venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r integration-tests/peers/hl7/requirements.txt
 fi

@@ -84,14 +84,134 @@ pub fn build_line(
 }
 
 /// The payload of a checkpoint line: `{"records":N,"time":"..."}`, with `,"handover":true`
-/// appended for a hand-over checkpoint.
-pub(crate) fn checkpoint_payload(records: u64, time: &str, handover: bool) -> Vec<u8> {
-    let v = if handover {
-        serde_json::json!({ "records": records, "time": time, "handover": true })
-    } else {
-        serde_json::json!({ "records": records, "time": time })
-    };
+/// appended for a hand-over checkpoint and `,"key":"<id>"` when the writer's key has an id
+/// (`audit.key_id`): the key this checkpoint, and the records after it up to the next
+/// checkpoint, are authenticated with.
+pub(crate) fn checkpoint_payload(
+    records: u64,
+    time: &str,
+    handover: bool,
+    key_id: Option<&str>,
+) -> Vec<u8> {
+    let mut v = serde_json::json!({ "records": records, "time": time });
+    if let Some(m) = v.as_object_mut() {
+        if handover {
+            m.insert("handover".into(), Value::Bool(true));
+        }
+        if let Some(id) = key_id {
+            m.insert("key".into(), Value::String(id.to_string()));
+        }
+    }
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The keys an audit trail may be authenticated with: the current one and earlier ones (key
+/// rotation), each with its key id (`audit.key_id`, `audit.previous_keys[].id`) when known.
+///
+/// A checkpoint that names a key id (`"key":"<id>"`) is checked with the key of that id (or,
+/// when no key given has that id, with every key given without an id); a checkpoint without
+/// one, with the key in force, then with every other key; a record, only with the key in
+/// force: the key of the checkpoint before it, or, before the first checkpoint of a file,
+/// whichever key given authenticates the file's first line. So the key can change only at a
+/// checkpoint, and a trail that spans two keys verifies only with both.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AuditKeys {
+    entries: Vec<(Option<String>, Vec<u8>)>,
+}
+
+impl AuditKeys {
+    /// No keys (add some with [`AuditKeys::add`]).
+    pub fn new() -> AuditKeys {
+        AuditKeys::default()
+    }
+
+    /// One key without an id: what [`crate::verify`] and [`crate::verify_files`] use.
+    pub fn single(key: impl AsRef<[u8]>) -> AuditKeys {
+        let mut k = AuditKeys::new();
+        k.add(None, key);
+        k
+    }
+
+    /// Adds a key, with its id when known.
+    pub fn add(&mut self, id: Option<&str>, key: impl AsRef<[u8]>) {
+        self.entries
+            .push((id.map(str::to_string), key.as_ref().to_vec()));
+    }
+
+    /// Parses `ID=KEY` pairs separated by white space (spaces, tabs or new lines), as
+    /// `CAREGATE_AUDIT_KEYS` holds them. The id ends at the first `=`; a key holding white space
+    /// cannot be given this way (use `--key-env` once per key).
+    pub fn parse_pairs(spec: &str) -> Result<AuditKeys, String> {
+        let mut keys = AuditKeys::new();
+        for (i, pair) in spec.split_whitespace().enumerate() {
+            let Some((id, key)) = pair.split_once('=') else {
+                return Err(format!("entry {}: not ID=KEY", i + 1));
+            };
+            if !valid_key_id(id) {
+                return Err(format!(
+                    "entry {}: key id {id:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+                    i + 1
+                ));
+            }
+            if key.is_empty() {
+                return Err(format!("entry {} ({id}): the key is empty", i + 1));
+            }
+            if keys.entries.iter().any(|(x, _)| x.as_deref() == Some(id)) {
+                return Err(format!("entry {} ({id}): key id given twice", i + 1));
+            }
+            keys.add(Some(id), key);
+        }
+        Ok(keys)
+    }
+
+    /// Adds every key of `other`, after these.
+    pub fn extend(&mut self, other: AuditKeys) {
+        self.entries.extend(other.entries);
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The ids given (keys without an id are left out).
+    pub fn ids(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter_map(|(i, _)| i.as_deref())
+            .collect()
+    }
+
+    pub(crate) fn key(&self, i: usize) -> &[u8] {
+        &self.entries[i].1
+    }
+}
+
+impl std::fmt::Debug for AuditKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKeys")
+            .field(
+                "ids",
+                &self
+                    .entries
+                    .iter()
+                    .map(|(i, _)| i.as_deref().unwrap_or("<unnamed>"))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A key id: 1 to 64 ASCII letters, digits, `.`, `_` or `-`.
+pub(crate) fn valid_key_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A line that passed [`parse_line`].
@@ -101,6 +221,8 @@ pub(crate) struct ParsedLine {
     pub prev: String,
     pub mac: String,
     pub kind: LineKind,
+    /// The key id a checkpoint names (`"key"`), if any.
+    pub key_id: Option<String>,
 }
 
 /// Why a line was rejected.
@@ -110,10 +232,23 @@ pub(crate) enum LineError {
     Malformed(String),
     /// Well-formed, but the MAC does not match (edited, or another key).
     MacMismatch,
+    /// A checkpoint names a key id that no key given has, and no key given without an id
+    /// authenticates it.
+    UnknownKey(String),
 }
 
-/// Parses and authenticates one line (without its newline).
-pub(crate) fn parse_line(key: &[u8], line: &[u8]) -> Result<ParsedLine, LineError> {
+/// A line split and checked for its form, not authenticated yet.
+struct Unchecked {
+    body: Vec<u8>,
+    mac_bytes: Vec<u8>,
+    mac_hex: String,
+    map: serde_json::Map<String, Value>,
+    member: &'static str,
+    seq: u64,
+    prev: String,
+}
+
+fn split_line(line: &[u8]) -> Result<Unchecked, LineError> {
     let malformed = |m: &str| Err(LineError::Malformed(m.to_string()));
     if line.len() < MAC_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
         return malformed("not an audit line (no trailing \"mac\")");
@@ -144,7 +279,8 @@ pub(crate) fn parse_line(key: &[u8], line: &[u8]) -> Result<ParsedLine, LineErro
     };
     let keys: Vec<&str> = map.keys().map(String::as_str).collect();
     let member = match keys.as_slice() {
-        ["seq", "prev", m] if *m == "record" || *m == "checkpoint" => *m,
+        ["seq", "prev", "record"] => "record",
+        ["seq", "prev", "checkpoint"] => "checkpoint",
         _ => {
             return Err(LineError::Malformed(format!(
                 "members must be seq, prev, record|checkpoint, mac in that order; found {keys:?}"
@@ -163,43 +299,135 @@ pub(crate) fn parse_line(key: &[u8], line: &[u8]) -> Result<ParsedLine, LineErro
     if !(prev.is_empty() || is_mac_hex(prev)) {
         return malformed("\"prev\" is neither empty nor 64 lower-case hex digits");
     }
+    let prev = prev.to_string();
+    Ok(Unchecked {
+        body,
+        mac_bytes,
+        // Checked above: 64 lower-case hex digits.
+        mac_hex: String::from_utf8_lossy(mac_hex).into_owned(),
+        map,
+        member,
+        seq,
+        prev,
+    })
+}
+
+impl Unchecked {
+    fn authentic(&self, key: &[u8]) -> bool {
+        mac_matches(key, &self.prev, &self.body, &self.mac_bytes)
+    }
+
+    /// The key id the line names (checkpoints only; unauthenticated until checked).
+    fn named_key(&self) -> Option<&str> {
+        if self.member != "checkpoint" {
+            return None;
+        }
+        self.map
+            .get("checkpoint")
+            .and_then(|c| c.get("key"))
+            .and_then(Value::as_str)
+    }
+
+    /// Interprets the payload of an authenticated line.
+    fn interpret(self) -> Result<ParsedLine, LineError> {
+        let malformed = |m: &str| Err(LineError::Malformed(m.to_string()));
+        let mut key_id = None;
+        let kind = if self.member == "checkpoint" {
+            let cp = self.map.get("checkpoint");
+            let records = cp.and_then(|c| c.get("records")).and_then(Value::as_u64);
+            let time = cp.and_then(|c| c.get("time")).and_then(Value::as_str);
+            let handover = match cp.and_then(|c| c.get("handover")) {
+                None => Some(false),
+                Some(h) => h.as_bool(),
+            };
+            match cp.and_then(|c| c.get("key")) {
+                None => {}
+                Some(Value::String(id)) if valid_key_id(id) => key_id = Some(id.clone()),
+                Some(_) => return malformed("checkpoint \"key\" is not a key id"),
+            }
+            match (records, time, handover) {
+                (Some(records), Some(time), Some(handover)) => LineKind::Checkpoint {
+                    records,
+                    time: time.to_string(),
+                    handover,
+                },
+                _ => {
+                    return malformed(
+                        "checkpoint must be {\"records\": N, \"time\": \"...\"} with an optional \"handover\": true",
+                    )
+                }
+            }
+        } else {
+            if !self.map.get("record").is_some_and(Value::is_object) {
+                return malformed("\"record\" is not an object");
+            }
+            LineKind::Record
+        };
+        Ok(ParsedLine {
+            seq: self.seq,
+            prev: self.prev,
+            mac: self.mac_hex,
+            kind,
+            key_id,
+        })
+    }
+}
+
+/// Parses and authenticates one line (without its newline) with one key.
+#[cfg(test)]
+pub(crate) fn parse_line(key: &[u8], line: &[u8]) -> Result<ParsedLine, LineError> {
+    let u = split_line(line)?;
     // Authenticate before interpreting the payload.
-    if !mac_matches(key, prev, &body, &mac_bytes) {
+    if !u.authentic(key) {
         return Err(LineError::MacMismatch);
     }
-    let kind = if member == "checkpoint" {
-        let cp = map.get("checkpoint");
-        let records = cp.and_then(|c| c.get("records")).and_then(Value::as_u64);
-        let time = cp.and_then(|c| c.get("time")).and_then(Value::as_str);
-        let handover = match cp.and_then(|c| c.get("handover")) {
-            None => Some(false),
-            Some(h) => h.as_bool(),
-        };
-        match (records, time, handover) {
-            (Some(records), Some(time), Some(handover)) => LineKind::Checkpoint {
-                records,
-                time: time.to_string(),
-                handover,
-            },
-            _ => {
-                return malformed(
-                    "checkpoint must be {\"records\": N, \"time\": \"...\"} with an optional \"handover\": true",
-                )
+    u.interpret()
+}
+
+/// Parses and authenticates one line (without its newline) with the right key of `keys` (see
+/// [`AuditKeys`]): `in_force` is the index of the key in force (that of the checkpoint before
+/// it), `None` when not known yet. Returns the line and the index of the key that
+/// authenticated it: the key in force after it.
+pub(crate) fn parse_line_keys(
+    keys: &AuditKeys,
+    line: &[u8],
+    in_force: Option<usize>,
+) -> Result<(ParsedLine, usize), LineError> {
+    let u = split_line(line)?;
+    let n = keys.entries.len();
+    let found = if let Some(id) = u.named_key() {
+        let named = (0..n).find(|&i| keys.entries[i].0.as_deref() == Some(id));
+        match named {
+            Some(i) => u.authentic(keys.key(i)).then_some(i),
+            None => {
+                let unnamed = (0..n)
+                    .filter(|&i| keys.entries[i].0.is_none())
+                    .find(|&i| u.authentic(keys.key(i)));
+                if unnamed.is_none() {
+                    return Err(LineError::UnknownKey(id.to_string()));
+                }
+                unnamed
             }
         }
+    } else if u.member == "record" && in_force.is_some() {
+        in_force.filter(|&i| i < n && u.authentic(keys.key(i)))
     } else {
-        if !map.get("record").is_some_and(Value::is_object) {
-            return malformed("\"record\" is not an object");
+        let order = in_force
+            .into_iter()
+            .chain((0..n).filter(|&i| Some(i) != in_force));
+        let mut found = None;
+        for i in order {
+            if i < n && u.authentic(keys.key(i)) {
+                found = Some(i);
+                break;
+            }
         }
-        LineKind::Record
+        found
     };
-    Ok(ParsedLine {
-        seq,
-        prev: prev.to_string(),
-        // Checked above: 64 lower-case hex digits.
-        mac: String::from_utf8_lossy(mac_hex).into_owned(),
-        kind,
-    })
+    let Some(i) = found else {
+        return Err(LineError::MacMismatch);
+    };
+    Ok((u.interpret()?, i))
 }
 
 pub(crate) fn is_mac_hex(s: &str) -> bool {
@@ -304,13 +532,26 @@ impl Anchor {
     }
 }
 
-/// Reads the anchor of `path`; `Ok(None)` when there is none.
-pub(crate) fn read_anchor(key: &[u8], path: &Path) -> Result<Option<Anchor>, String> {
+/// Reads the anchor of `path`, authenticated with any of `keys`; `Ok(None)` when there is none.
+pub(crate) fn read_anchor(keys: &AuditKeys, path: &Path) -> Result<Option<Anchor>, String> {
     let ap = anchor_path(path);
     match fs::read(&ap) {
-        Ok(bytes) => Anchor::parse(key, &bytes)
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", ap.display())),
+        Ok(bytes) => {
+            let mut first_err = None;
+            for i in 0..keys.len() {
+                match Anchor::parse(keys.key(i), &bytes) {
+                    Ok(a) => return Ok(Some(a)),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            Err(format!(
+                "{}: {}",
+                ap.display(),
+                first_err.unwrap_or_else(|| "no key to check it with".into())
+            ))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("{}: {e}", ap.display())),
     }

@@ -6,7 +6,7 @@
 //! | AuditEvent element | value |
 //! | --- | --- |
 //! | `type` | `http://terminology.hl7.org/CodeSystem/audit-event-type#rest` "Restful Operation" (fixed by every BALP RESTful profile) |
-//! | `subtype` | `http://hl7.org/fhir/restful-interaction#<interaction>`: [`crate::Action::interaction`], else derived from the method (GET/HEAD with an id: `read`, GET without: `search-type` / `search-system`, POST: `create`, PUT: `update`, PATCH: `patch`, DELETE: `delete`) |
+//! | `subtype` | `http://hl7.org/fhir/restful-interaction#<interaction>`: [`crate::Action::interaction`] mapped to the code system by [`restful_code`] (`search-compartment` → `search`, `operation-*` → `operation`, `conditional-update` → `update`, `batch-or-transaction` → `batch`), else derived from the method (GET/HEAD with an id: `read`, GET without: `search-type` / `search-system`, POST: `create`, PUT: `update`, PATCH: `patch`, DELETE: `delete`) |
 //! | `action` | `R` read, vread, history, capabilities; `E` search and operations (BALP Query uses `E`); `C` create; `U` update, patch; `D` delete |
 //! | `recorded` | [`crate::AuditRecord::time`] |
 //! | `outcome` | `0` success (status below 400, or unknown for an access/completion record), `4` minor failure (4xx, or a denied record without a status), `8` serious failure (5xx) |
@@ -16,10 +16,12 @@
 //! | `agent` user | when a human subject is known (a subject that is neither the client id nor the system name): who = `identifier {system: issuer, value: subject}`, `requestor` true, `role` = roles (as text), no network |
 //! | `source` | `observer.display` "caregate", `type` = `http://terminology.hl7.org/CodeSystem/security-source-type#4` "Application Server" |
 //! | `entity` transaction | `type` = `https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType#XrequestId`, `what.identifier.value` = the request id |
-//! | `entity` patient | when known: `what.reference` `Patient/<id>`, type `audit-entity-type#1` Person, role `object-role#1` Patient |
+//! | `entity` patient | one per patient the record names (`patient`, `patients`): `what.reference` `Patient/<id>`, type `audit-entity-type#1` Person, role `object-role#1` Patient |
 //! | `entity` data | reads and writes: `what.reference` `<Type>/<id>` (or `what.type` alone when no id), type `#2` System Object, role `object-role#4` Domain Resource |
 //! | `entity` query | searches: type `#2`, role `object-role#24` Query, `description` naming the search (never the query string) |
-//! | `extension` | caregate details (`urn:caregate:audit:<name>`): phase, method, route, listener, channel, tenant, auth-method, http-status, bytes, duration-ms, upstream-pool, upstream-zone |
+//! | `extension` | caregate details (`urn:caregate:audit:<name>`): phase, method, route, listener, channel, tenant, auth-method, http-status, bytes, duration-ms, upstream-pool, upstream-zone; for an emergency access (break-the-glass, [`crate::BreakGlassUse`]): `break-glass` (`valueBoolean` true: the flag), `break-glass-reason` (`valueString`, the caller's reason), `break-glass-overrode` (`valueCode`, one per thing overridden: `tenant`, `mask`, ...), `break-glass-from-grant` (`valueBoolean` true, when an earlier claim's grant covered the request) |
+//! | `purposeOfEvent` | emergency access only: the PurposeOfUse claimed, `http://terminology.hl7.org/CodeSystem/v3-ActReason#<purpose>` (e.g. `ETREAT`) |
+//! | `agent` requestor `purposeOfUse` | emergency access only: the same coding, on the agent that made the request (the user agent, else the client agent) |
 //!
 //! Agent types follow the profiles: `Read` has the client as DICOM `110152` "Destination Role
 //! ID" and the server as `110153` "Source Role ID" (data flows to the client); `Query`,
@@ -64,6 +66,8 @@ const SOURCE_TYPE: &str = "http://terminology.hl7.org/CodeSystem/security-source
 const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
 const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
 const BALP_ENTITY_TYPE: &str = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType";
+/// The code system of HL7 PurposeOfUse codes (`ETREAT`, `BTG`, ...).
+pub const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 /// Prefix of caregate's own extension URLs.
 pub const EXTENSION_PREFIX: &str = "urn:caregate:audit:";
 
@@ -90,16 +94,29 @@ pub fn interaction_of(rec: &AuditRecord) -> Option<String> {
     Some(i.to_string())
 }
 
+/// The code of `http://hl7.org/fhir/restful-interaction` for a recorded interaction: the
+/// gateway records finer ones (`search-compartment`, `operation-instance`,
+/// `conditional-update`, ...) than the code system has.
+pub fn restful_code(interaction: &str) -> &str {
+    match interaction {
+        "search-compartment" => "search",
+        "batch-or-transaction" => "batch",
+        i if i.starts_with("operation") => "operation",
+        i => i.strip_prefix("conditional-").unwrap_or(i),
+    }
+}
+
 /// The AuditEvent `action` code for an interaction (or, when unknown, for the method).
 pub fn action_code(interaction: Option<&str>, method: &str) -> &'static str {
     match interaction {
         Some("read" | "vread" | "capabilities") => "R",
         Some(i) if i.starts_with("history") => "R",
         Some(i) if i.starts_with("search") => "E",
-        Some("operation" | "batch" | "transaction") => "E",
-        Some("create") => "C",
-        Some("update" | "patch") => "U",
-        Some("delete") => "D",
+        Some(i) if i.starts_with("operation") => "E",
+        Some("batch" | "transaction" | "batch-or-transaction") => "E",
+        Some("create" | "conditional-create") => "C",
+        Some("update" | "patch" | "conditional-update" | "conditional-patch") => "U",
+        Some("delete" | "conditional-delete") => "D",
         _ => match method.to_ascii_uppercase().as_str() {
             "GET" | "HEAD" => "R",
             "POST" => "C",
@@ -177,7 +194,24 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
             push_str_ext(&mut exts, "upstream-zone", "valueString", z);
         }
     }
+    // Emergency access: the flag, the reason, what it overrode, whether a grant covered it.
+    let bg = rec.break_glass.as_ref();
+    if let Some(bg) = bg {
+        exts.push(ext("break-glass", "valueBoolean", json!(true)));
+        push_str_ext(&mut exts, "break-glass-reason", "valueString", &bg.reason);
+        for o in &bg.overrode {
+            push_str_ext(&mut exts, "break-glass-overrode", "valueCode", o);
+        }
+        if bg.from_grant {
+            exts.push(ext("break-glass-from-grant", "valueBoolean", json!(true)));
+        }
+    }
     ev.insert("extension".into(), Value::Array(exts));
+    // The PurposeOfUse claimed (a FHIR code: no surrounding white space, never empty).
+    let purpose: Option<Value> = bg
+        .map(|bg| bg.purpose.trim())
+        .filter(|p| !p.is_empty())
+        .map(|p| json!([{ "coding": [{ "system": ACT_REASON, "code": p }] }]));
 
     if rec.phase == Phase::Admin {
         // A change of the gateway's own configuration (a reload): DICOM's Security Alert,
@@ -193,7 +227,11 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
             coding(EVENT_TYPE, "rest", "Restful Operation"),
         );
         if let Some(i) = &interaction {
-            ev.insert("subtype".into(), json!([coding(RESTFUL_INTERACTION, i, i)]));
+            let code = restful_code(i);
+            ev.insert(
+                "subtype".into(),
+                json!([coding(RESTFUL_INTERACTION, code, code)]),
+            );
         }
     }
     ev.insert("action".into(), json!(action));
@@ -208,6 +246,9 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
     ev.insert("outcome".into(), json!(outcome));
     if let Some(r) = non_empty(&rec.outcome.reason) {
         ev.insert("outcomeDesc".into(), json!(r));
+    }
+    if let Some(p) = &purpose {
+        ev.insert("purposeOfEvent".into(), p.clone());
     }
 
     // Agents.
@@ -255,6 +296,9 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
         }
         agent.insert("who".into(), json!({ "identifier": Value::Object(ident) }));
         agent.insert("requestor".into(), json!(true));
+        if let Some(p) = &purpose {
+            agent.insert("purposeOfUse".into(), p.clone());
+        }
         agents.push(Value::Object(agent));
     }
     {
@@ -273,6 +317,9 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
             agent.insert("name".into(), json!(sys));
         }
         agent.insert("requestor".into(), json!(human.is_none()));
+        if let (Some(p), None) = (&purpose, human) {
+            agent.insert("purposeOfUse".into(), p.clone());
+        }
         if let Some(addr) = non_empty(&actor.source_address) {
             agent.insert("network".into(), json!({ "address": addr, "type": "2" }));
         }
@@ -309,7 +356,17 @@ pub fn to_fhir_audit_event(rec: &AuditRecord) -> Value {
             "type": { "system": BALP_ENTITY_TYPE, "code": "XrequestId" },
         }));
     }
-    if let Some(p) = non_empty(&a.patient) {
+    // One BALP patient entity per patient the record names.
+    let mut named: Vec<&str> = Vec::new();
+    for p in non_empty(&a.patient)
+        .into_iter()
+        .chain(a.patients.iter().map(String::as_str))
+    {
+        if !p.trim().is_empty() && !named.contains(&p) {
+            named.push(p);
+        }
+    }
+    for p in named {
         entities.push(json!({
             "what": { "reference": format!("Patient/{p}") },
             "type": coding(ENTITY_TYPE, "1", "Person"),

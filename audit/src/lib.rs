@@ -87,7 +87,7 @@
 //! - `checkpoint`: `records` (records in the chain so far: on the chain's path from the
 //!   genesis, see [hand-over](#hand-over-between-processes)) and `time`; and, only in the
 //!   checkpoint a process writes when it hands the file over, `"handover":true` (covered by
-//!   the MAC like the rest).
+//!   the MAC like the rest); and, when the writer's key has an id (`key_id`), `"key":"<id>"`.
 //! - `mac`: lower-case hex of HMAC-SHA256(`hmac_key`, `prev` || *body*), where `prev` is the
 //!   ASCII hex string and *body* is the exact bytes of the line without `,"mac":"..."`, i.e.
 //!   `{"seq":N,"prev":"...","record":{...}}`, which is serde_json's compact rendering of
@@ -106,8 +106,20 @@
 //! **Rotation.** When the active file reaches `rotate_bytes`, the writer seals it with a
 //! checkpoint, renames it to `<path>.<n>` (n = highest existing + 1), writes its anchor
 //! `<path>.<n>.anchor`, and starts a new `<path>` whose first line is a checkpoint continuing
-//! the chain (`prev` = the seal's mac). Only the newest `retain_files` rotated files are kept
-//! (more while another process still writes an old one after a hand-over).
+//! the chain (`prev` = the seal's mac). With `archive_dir`, a background thread copies every
+//! rotated file and its anchor there (synced) and only then deletes all but the newest
+//! `retain_files` (more while another process still writes an old one after a hand-over, or
+//! while one is not archived); without `archive_dir` nothing is deleted.
+//!
+//! **Keys.** With `key_id`, every checkpoint names its key (`"key":"<id>"`); the records after
+//! a checkpoint are authenticated with the key it names. A writer started with a new key
+//! resumes a tail written with one of `previous_keys` and first writes a checkpoint naming the
+//! new key; [`verify_files_keys`] with [`AuditKeys`] verifies a trail spanning several keys.
+//!
+//! **Off-host checkpoints.** With `offhost_checkpoints`, every checkpoint line is appended to a
+//! file on other storage (and optionally POSTed to a URL) by a thread of its own;
+//! [`verify_checkpoints`] checks a trail against those copies, which catches a rewrite of the
+//! whole local trail with the key.
 //!
 //! **Restart.** [`AuditSink::start`] resumes from the file's last line after verifying the
 //! lines back to its last checkpoint; see there.
@@ -178,22 +190,35 @@
 //! old process was killed) and a hand-over checkpoint no later file continues are warnings.
 //! `caregate audit verify PATH` runs it over [`chain_files`] of PATH, or over every trail of a
 //! directory ([`find_trails`]).
+//!
+//! ## Reports
+//!
+//! [`report()`] lists every access to one patient's data (`caregate audit report --patient X`),
+//! or, with [`Query::break_glass`], every request that used emergency access (`caregate audit
+//! report --break-glass`, the next-day review), from a trail that verified: it runs
+//! [`verify_files`] first and refuses a trail that fails; see [`mod@report`].
 
 mod chain;
 mod config;
 pub mod fhir;
 mod record;
+pub mod report;
+mod retention;
 mod sink;
 mod verify;
 
-pub use chain::{anchor_path, build_line, Anchor};
-pub use config::{AuditConfig, AuditFormat, FsyncPolicy, MIN_HMAC_KEY_BYTES};
-pub use record::{
-    format_rfc3339_millis, now_rfc3339, Action, Actor, AuditRecord, ConfigChange, Outcome, Phase,
-    Upstream,
+pub use chain::{anchor_path, build_line, Anchor, AuditKeys};
+pub use config::{
+    AuditConfig, AuditFormat, FsyncPolicy, OffHostCheckpoints, PreviousKey, MIN_HMAC_KEY_BYTES,
 };
+pub use record::{
+    format_rfc3339_millis, now_rfc3339, Action, Actor, AnomalyDetails, AuditRecord, BreakGlassUse,
+    ConfigChange, Hl7Message, Hl7PatientId, Outcome, Phase, Upstream,
+};
+pub use report::{report, report_verified, Entry, Query, ReportError};
 pub use sink::{AuditError, AuditSink};
 pub use verify::{
-    chain_files, find_trails, verify, verify_files, AnchorCheck, FoundTrails, HandOverPoint,
-    SegmentLink, VerifyError, VerifyErrorKind, VerifyReport,
+    chain_files, find_trails, verify, verify_checkpoints, verify_files, verify_files_keys,
+    verify_keys, AnchorCheck, CheckpointCopies, FoundTrails, HandOverPoint, SegmentLink,
+    VerifyError, VerifyErrorKind, VerifyReport,
 };

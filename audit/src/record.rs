@@ -22,6 +22,78 @@ pub struct AuditRecord {
     /// For a config reload (`phase: admin`): the config hashes involved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigChange>,
+    /// For an HL7 v2 message: what it was and whom it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hl7: Option<Hl7Message>,
+    /// For an `anomaly` record: what was noticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyDetails>,
+    /// Emergency access (break-the-glass): set on every record of a request that claimed it,
+    /// or that an earlier claim's grant covered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlassUse>,
+}
+
+/// An emergency access, as claimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakGlassUse {
+    /// The HL7 PurposeOfUse code claimed (e.g. `ETREAT`).
+    pub purpose: String,
+    /// The caller's free-text reason.
+    pub reason: String,
+    /// What it overrode on this request (`tenant`, `mask`, ...): empty when nothing needed to
+    /// be overridden.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrode: Vec<String>,
+    /// True when an earlier claim's grant (same caller, same patient) covered this request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_grant: bool,
+}
+
+/// What the unusual-access monitor noticed about a subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnomalyDetails {
+    /// `distinct_patients` (more distinct patients in the window than the threshold),
+    /// `cross_tenant` (a patient of another tenant reached), `repeated_break_glass`.
+    pub kind: String,
+    /// What was counted in the window (distinct patients, cross-tenant accesses, ...).
+    pub count: u64,
+    /// The configured threshold it passed.
+    pub threshold: u64,
+    /// The window, in seconds.
+    pub window_seconds: u64,
+}
+
+/// An HL7 v2 message, as the audit trail names it: its header fields and the patient
+/// identifiers of its PID-3, with the acknowledgement code once known.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hl7Message {
+    /// MSH-9.1, e.g. `ORU`.
+    pub message_type: String,
+    /// MSH-9.2, e.g. `R01`.
+    pub trigger_event: String,
+    /// MSH-10.
+    pub control_id: String,
+    /// MSH-3.1.
+    pub sending_application: String,
+    /// MSH-4.1 (or 4.2).
+    pub sending_facility: String,
+    /// Every PID-3 identifier of the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patient_identifiers: Vec<Hl7PatientId>,
+    /// MSA-1 of the acknowledgement the sender got (completion and denied records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_code: Option<String>,
+}
+
+/// One PID-3 identifier (CX): id, assigning authority, identifier type code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hl7PatientId {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub authority: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub r#type: String,
 }
 
 /// The configurations a reload involved (hex SHA-256 of the config text).
@@ -46,6 +118,9 @@ pub enum Phase {
     Denied,
     /// An administrative action on the gateway itself (a config reload, applied or refused).
     Admin,
+    /// Unusual access noticed by the monitor over the records (e.g. a subject who reached
+    /// more distinct patients in a window than configured); names the subject, not a patient.
+    Anomaly,
 }
 
 impl Phase {
@@ -55,6 +130,7 @@ impl Phase {
             Phase::Completion => "completion",
             Phase::Denied => "denied",
             Phase::Admin => "admin",
+            Phase::Anomaly => "anomaly",
         }
     }
 }
@@ -109,9 +185,22 @@ pub struct Action {
     pub resource_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
-    /// The patient in context (id of a `Patient`), when known.
+    /// The patient in context (id of a `Patient`), when known: the first of `patients`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patient: Option<String>,
+    /// Every patient the request names (the caller's patient context, a Patient instance, a
+    /// Patient compartment, `patient`/`subject`/`_id` search parameters), in order, bounded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<String>,
+    /// How many more patients the request named than `patients` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients_more: Option<u64>,
+    /// The compartment of a compartment search, e.g. `Patient/123`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compartment: Option<String>,
+    /// The names of the search parameters (never their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_params: Vec<String>,
 }
 
 /// How it ended (or, for an access record, how it is going).

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::chain::{self, Anchor, LineKind};
+use crate::chain::{self, Anchor, AuditKeys, LineKind};
 use crate::config::{AuditConfig, AuditFormat, FsyncPolicy};
 use crate::fhir::to_fhir_audit_event;
 use crate::record::{now_rfc3339, AuditRecord};
+use crate::retention::{Archiver, ExportStats, Exporter};
 
 /// Why a record was not (durably) written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,9 @@ pub struct AuditSink {
     shared: Arc<Shared>,
     format: AuditFormat,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The archiver and checkpoint exporter threads, joined after the writer.
+    helpers: Mutex<Vec<JoinHandle<()>>>,
+    export: Arc<ExportStats>,
 }
 
 /// With `fsync: batch`, a queue this long is committed without waiting for the delay.
@@ -124,7 +128,7 @@ impl AuditSink {
     pub fn start(cfg: &AuditConfig) -> Result<Arc<AuditSink>, String> {
         cfg.validate()?;
         let path = cfg.path.clone();
-        let key = cfg.hmac_key.as_bytes().to_vec();
+        let keys = cfg.keys();
         create_parent(&path)?;
         let shown = path.display();
         let opened = open_locked(&path, false).map_err(|e| format!("audit.path: {shown}: {e}"))?;
@@ -150,8 +154,8 @@ impl AuditSink {
                 }
             }
         };
-        let resumed = resume(&path, &key, file)?;
-        AuditSink::spawn(cfg, key, Some(resumed))
+        let resumed = resume(&path, &keys, file)?;
+        AuditSink::spawn(cfg, keys, Some(resumed))
     }
 
     /// Starts a sink that takes the audit trail over from the process running now (a
@@ -174,12 +178,12 @@ impl AuditSink {
     pub fn start_takeover(cfg: &AuditConfig) -> Result<Arc<AuditSink>, String> {
         cfg.validate()?;
         let path = cfg.path.clone();
-        let key = cfg.hmac_key.as_bytes().to_vec();
+        let keys = cfg.keys();
         create_parent(&path)?;
         // Whether the anchor fits the chain is checked when the file is acquired (the old
         // process still moves it); a forged or unreadable one is an error now.
-        chain::read_anchor(&key, &path).map_err(|e| format!("audit: {e}"))?;
-        AuditSink::spawn(cfg, key, None)
+        chain::read_anchor(&keys, &path).map_err(|e| format!("audit: {e}"))?;
+        AuditSink::spawn(cfg, keys, None)
     }
 
     /// Hands the audit trail over to the next process (call it in the old process when it is
@@ -234,9 +238,28 @@ impl AuditSink {
 
     fn spawn(
         cfg: &AuditConfig,
-        key: Vec<u8>,
+        keys: AuditKeys,
         resumed: Option<Resumed>,
     ) -> Result<Arc<AuditSink>, String> {
+        let export = Arc::new(ExportStats::default());
+        let mut helpers = Vec::new();
+        let sync = cfg.fsync != FsyncPolicy::Never;
+        let exporter = match &cfg.offhost_checkpoints {
+            Some(o) => {
+                let (e, h) = Exporter::start(o, sync, export.clone())?;
+                helpers.push(h);
+                Some(e)
+            }
+            None => None,
+        };
+        let archiver = match &cfg.archive_dir {
+            Some(dir) => {
+                let (a, h) = Archiver::start(&cfg.path, dir, cfg.retain_files, sync)?;
+                helpers.push(h);
+                Some(a)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(QueueState {
                 queue: VecDeque::new(),
@@ -257,13 +280,17 @@ impl AuditSink {
             shared: shared.clone(),
             path: cfg.path.clone(),
             file_path: cfg.path.clone(),
-            key,
+            key: keys.key(0).to_vec(),
+            key_id: cfg.key_id.clone(),
+            keys,
+            key_switch: false,
+            exporter,
+            archiver,
             fsync: cfg.fsync,
             batch_delay: Duration::from_millis(cfg.batch_max_delay_ms),
             cp_every: cfg.checkpoint_every_records,
             cp_interval: Duration::from_millis(cfg.checkpoint_interval_ms),
             rotate_bytes: cfg.rotate_bytes,
-            retain: cfg.retain_files,
             acquiring: true,
             handed_over: false,
             startup_commit: false,
@@ -282,6 +309,10 @@ impl AuditSink {
         if let Some(r) = resumed {
             writer.resumed(r);
         }
+        // Archive what earlier runs rotated (and prune, if due) without waiting for a rotation.
+        if let Some(a) = &writer.archiver {
+            a.trigger();
+        }
         let handle = std::thread::Builder::new()
             .name("caregate-audit".into())
             .spawn(move || writer.run())
@@ -290,6 +321,8 @@ impl AuditSink {
             shared,
             format: cfg.format,
             writer: Mutex::new(Some(handle)),
+            helpers: Mutex::new(helpers),
+            export,
         }))
     }
     /// Queues `rec` and waits until its group commit is written (and fsynced, per the
@@ -335,6 +368,17 @@ impl AuditSink {
         self.shared.commits.load(Ordering::Acquire)
     }
 
+    /// Checkpoint lines copied off the host (`offhost_checkpoints`): appended to its file.
+    pub fn checkpoints_exported(&self) -> u64 {
+        self.export.exported.load(Ordering::Acquire)
+    }
+
+    /// Checkpoint copies that failed (file append or sync, HTTP POST, or dropped because the
+    /// exporter's queue was full), each logged. They never hold up the trail's own writes.
+    pub fn checkpoint_export_failures(&self) -> u64 {
+        self.export.failures.load(Ordering::Acquire)
+    }
+
     /// Stops accepting records, writes everything queued, seals the file with a final
     /// checkpoint (and anchor) and joins the writer thread, which releases the file's lock.
     /// After a hand-over the file sealed is the rotated file `<path>.<n>` this sink still
@@ -356,6 +400,14 @@ impl AuditSink {
         if let Some(h) = handle {
             if h.join().is_err() {
                 log::error!("audit: the writer thread panicked");
+            }
+        }
+        // The writer is gone: the exporter and the archiver finish what they were given.
+        let helpers =
+            std::mem::take(&mut *self.helpers.lock().unwrap_or_else(PoisonError::into_inner));
+        for h in helpers {
+            if h.join().is_err() {
+                log::error!("audit: a helper thread panicked");
             }
         }
     }
@@ -574,7 +626,7 @@ fn create_locked(path: &Path) -> io::Result<File> {
 
 /// Gives the file `from` the name `to` unless `to` exists (`AlreadyExists`): a hard link
 /// (`from` keeps its name too), or a rename where the file system has no hard links.
-fn link_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn link_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     match fs::hard_link(from, to) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
@@ -593,7 +645,7 @@ fn link_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 
 /// Whether another open file (another process, or another sink of this one) holds the lock of
 /// `path`. Takes the lock for a moment when it is free.
-fn locked_by_other(path: &Path) -> bool {
+pub(crate) fn locked_by_other(path: &Path) -> bool {
     let Ok(f) = File::open(path) else {
         return false;
     };
@@ -618,18 +670,21 @@ struct Resumed {
     mac: String,
     records_total: u64,
     unsealed: u64,
+    /// Index (in the writer's keys) of the key the chain's last line was written with; `None`
+    /// for a new chain.
+    key: Option<usize>,
 }
 
 /// Resumes the chain from `file` (open, locked, named by `path`): verifies its tail back to the
 /// last checkpoint, cuts an incomplete last line, continues the newest rotated file if it is
 /// empty, and checks the anchor. See [`AuditSink::start`].
-fn resume(path: &Path, key: &[u8], file: File) -> Result<Resumed, String> {
+fn resume(path: &Path, keys: &AuditKeys, file: File) -> Result<Resumed, String> {
     let shown = path.display();
     let meta = file
         .metadata()
         .map_err(|e| format!("audit.path: {shown}: {e}"))?;
     let mut tail =
-        read_tail(&file, meta.len(), key).map_err(|e| format!("audit.path: {shown}: {e}"))?;
+        read_tail(&file, meta.len(), keys).map_err(|e| format!("audit.path: {shown}: {e}"))?;
     if tail.valid_len < meta.len() {
         log::warn!(
             "audit: {shown}: removing an incomplete last line ({} bytes) left by an interrupted write",
@@ -649,7 +704,7 @@ fn resume(path: &Path, key: &[u8], file: File) -> Result<Resumed, String> {
                 .metadata()
                 .map_err(|e| format!("audit: {}: {e}", rotated.display()))?
                 .len();
-            tail = read_tail(&f, len, key)
+            tail = read_tail(&f, len, keys)
                 .map_err(|e| format!("audit: {}: {e}", rotated.display()))?;
             tail.valid_len = 0;
             log::info!(
@@ -668,7 +723,7 @@ fn resume(path: &Path, key: &[u8], file: File) -> Result<Resumed, String> {
             tail.unsealed
         }
     };
-    if let Some(anchor) = chain::read_anchor(key, path).map_err(|e| format!("audit: {e}"))? {
+    if let Some(anchor) = chain::read_anchor(keys, path).map_err(|e| format!("audit: {e}"))? {
         if anchor.seq > tail.seq {
             return Err(format!(
                 "audit: the chain in {shown} ends at seq {} but its anchor names checkpoint seq {} ({}): \
@@ -690,6 +745,7 @@ fn resume(path: &Path, key: &[u8], file: File) -> Result<Resumed, String> {
         mac: tail.mac,
         records_total,
         unsealed: tail.unsealed,
+        key: tail.key,
     })
 }
 
@@ -707,10 +763,12 @@ struct Tail {
     unsealed: u64,
     /// Length up to the end of the last complete line.
     valid_len: u64,
+    /// Index (in the keys) of the key the last line was written with.
+    key: Option<usize>,
 }
 
 /// Reads a file backwards to its last checkpoint (or its start) and verifies those lines.
-fn read_tail(file: &File, len: u64, key: &[u8]) -> Result<Tail, String> {
+fn read_tail(file: &File, len: u64, keys: &AuditKeys) -> Result<Tail, String> {
     let mut window = TAIL_WINDOW;
     loop {
         let start = len.saturating_sub(window);
@@ -748,21 +806,27 @@ fn read_tail(file: &File, len: u64, key: &[u8]) -> Result<Tail, String> {
         }
         let mut lines = Vec::new();
         let mut off = from;
+        let mut in_force = None;
         for raw in buf[from..end].split(|b| *b == b'\n') {
             let at = start + off as u64;
             off += raw.len() + 1;
             if off > end {
                 break; // the empty piece after the final newline
             }
-            let p = chain::parse_line(key, raw).map_err(|e| {
+            let (p, k) = chain::parse_line_keys(keys, raw, in_force).map_err(|e| {
                 let what = match e {
                     chain::LineError::Malformed(m) => m,
                     chain::LineError::MacMismatch => {
-                        "mac mismatch (the line was edited, or hmac_key is not the key this file was written with)".into()
+                        "mac mismatch (the line was edited, or hmac_key is not the key this file was written with: \
+                         after a key rotation list the earlier key in audit.previous_keys)".into()
                     }
+                    chain::LineError::UnknownKey(id) => format!(
+                        "the checkpoint names key id {id:?}, which is neither audit.key_id nor in audit.previous_keys"
+                    ),
                 };
                 format!("the line at byte {at} fails verification: {what}")
             })?;
+            in_force = Some(k);
             lines.push((at, p));
         }
         for w in lines.windows(2) {
@@ -828,6 +892,7 @@ fn read_tail(file: &File, len: u64, key: &[u8]) -> Result<Tail, String> {
             records_total,
             unsealed,
             valid_len: start + end as u64,
+            key: in_force,
         });
     }
 }
@@ -872,13 +937,23 @@ struct Writer {
     path: PathBuf,
     /// The file written: `path`, or after a hand-over the rotated file `<path>.<n>`.
     file_path: PathBuf,
+    /// The key lines are written with (`hmac_key`), and its id (`key_id`).
     key: Vec<u8>,
+    key_id: Option<String>,
+    /// Every key accepted when reading back: `hmac_key`, then `previous_keys`.
+    keys: AuditKeys,
+    /// The chain's last line was written with another key: the next commit starts with a
+    /// checkpoint naming `key_id` (the key changes there).
+    key_switch: bool,
+    /// Copies checkpoint lines off the host.
+    exporter: Option<Exporter>,
+    /// Archives rotated files (and prunes them per `retain_files`).
+    archiver: Option<Archiver>,
     fsync: FsyncPolicy,
     batch_delay: Duration,
     cp_every: u64,
     cp_interval: Duration,
     rotate_bytes: u64,
-    retain: usize,
     /// Taking over: the file is not ours yet ([`Writer::acquire`]).
     acquiring: bool,
     /// Handed over: this writer writes `file_path` (never `path`), through the file it holds
@@ -948,7 +1023,20 @@ impl Writer {
 
     /// Takes over the state [`resume`] found.
     fn resumed(&mut self, r: Resumed) {
-        self.startup_commit = r.pos.committed == 0 && r.seq > 0;
+        // Written with an earlier key (a key rotation): the chain goes on with this one after a
+        // checkpoint that names it.
+        self.key_switch = r
+            .key
+            .is_some_and(|k| self.keys.key(k) != self.key.as_slice());
+        if self.key_switch {
+            log::info!(
+                "audit: {}: the chain was written with another key; continuing it with key {} from seq {}",
+                self.path.display(),
+                self.key_id.as_deref().unwrap_or("(unnamed)"),
+                r.seq + 1
+            );
+        }
+        self.startup_commit = (r.pos.committed == 0 && r.seq > 0) || self.key_switch;
         self.file = Some(r.file);
         self.pos = Some(r.pos);
         self.head_seq = r.seq;
@@ -1058,7 +1146,7 @@ impl Writer {
 
     fn try_acquire(&self) -> Result<Acquired, String> {
         match open_locked(&self.path, false) {
-            Ok(Opened::Locked(f)) => resume(&self.path, &self.key, f).map(Acquired::Resumed),
+            Ok(Opened::Locked(f)) => resume(&self.path, &self.keys, f).map(Acquired::Resumed),
             Ok(Opened::Held) => Ok(Acquired::Wait(WAIT_HELD)),
             Ok(Opened::Missing) => Ok(Acquired::Wait(WAIT_MISSING)),
             Err(e) => Err(format!("audit.path: {}: {e}", self.path.display())),
@@ -1268,7 +1356,12 @@ impl Writer {
             self.head_seq + 1,
             &self.head_mac,
             "checkpoint",
-            &chain::checkpoint_payload(self.records_total, &now_rfc3339(), false),
+            &chain::checkpoint_payload(
+                self.records_total,
+                &now_rfc3339(),
+                false,
+                self.key_id.as_deref(),
+            ),
         );
         let tmp_file = OpenOptions::new()
             .read(true)
@@ -1336,6 +1429,10 @@ impl Writer {
             }
         }
         drop(tmp_file);
+        // The continuation's opening checkpoint is part of the trail now.
+        if let Some(x) = &self.exporter {
+            x.send(line);
+        }
         log::info!(
             "audit: handed {} over at seq {}; this process writes its remaining records to {}",
             self.path.display(),
@@ -1423,7 +1520,7 @@ impl Writer {
             }
             return Ok(self.head_seq > 0);
         }
-        let tail = match read_tail(file, len, &self.key) {
+        let tail = match read_tail(file, len, &self.keys) {
             Ok(t) => t,
             Err(e) => {
                 self.file = None;
@@ -1489,6 +1586,10 @@ impl Writer {
         let mut seqs = Vec::with_capacity(items.len());
         let time = now_rfc3339();
         let key = self.key.as_slice();
+        let key_id = self.key_id.as_deref();
+        // The checkpoint lines of this commit, for the off-host copies.
+        let mut cp_lines: Vec<Vec<u8>> = Vec::new();
+        let exporting = self.exporter.is_some();
         let mut checkpoint =
             |buf: &mut Vec<u8>, seq: &mut u64, mac: &mut String, total: u64, handover: bool| {
                 *seq += 1;
@@ -1497,13 +1598,18 @@ impl Writer {
                     *seq,
                     mac,
                     "checkpoint",
-                    &chain::checkpoint_payload(total, &time, handover),
+                    &chain::checkpoint_payload(total, &time, handover, key_id),
                 );
                 buf.extend_from_slice(&line);
+                if exporting {
+                    cp_lines.push(line);
+                }
                 *mac = m;
                 last_cp = Some((*seq, mac.clone(), total));
             };
-        if opening {
+        // A continuation file opens with a checkpoint; so does a change of key (the records
+        // after it are written with the key it names).
+        if opening || self.key_switch {
             checkpoint(&mut buf, &mut seq, &mut mac, total, false);
         }
         for item in items {
@@ -1555,8 +1661,14 @@ impl Writer {
         self.head_mac = mac;
         self.records_total = total;
         self.unsealed = unsealed;
+        self.key_switch = false;
         if let Some(p) = self.pos.as_mut() {
             p.committed += buf.len() as u64;
+        }
+        if let Some(x) = &self.exporter {
+            for line in cp_lines {
+                x.send(line);
+            }
         }
         if let Some((seq, mac, records)) = last_cp {
             self.last_cp_at = Instant::now();
@@ -1631,25 +1743,10 @@ impl Writer {
             rotated.display(),
             self.head_seq
         );
-        let mut all = rotated_files(&self.path);
-        if all.len() > self.retain {
-            let excess = all.len() - self.retain;
-            for (_, old) in all.drain(..excess) {
-                if locked_by_other(&old) {
-                    // Keep it and everything newer (no gap in the trail) until it is done.
-                    log::info!(
-                        "audit: keeping {} and newer rotated files for now: another process still writes it",
-                        old.display()
-                    );
-                    break;
-                }
-                if let Err(e) = fs::remove_file(&old) {
-                    log::warn!("audit: cannot remove {}: {e}", old.display());
-                    continue;
-                }
-                let _ = fs::remove_file(chain::anchor_path(&old));
-                log::info!("audit: removed old rotated file {}", old.display());
-            }
+        // Archive the rotated file (and prune per `retain_files`) off this thread: copying a
+        // large file to other storage must not hold up the records.
+        if let Some(a) = &self.archiver {
+            a.trigger();
         }
         // Open the new file with its opening checkpoint now.
         self.startup_commit = true;
@@ -1692,6 +1789,15 @@ impl Writer {
             self.shared.depth.fetch_sub(lost, Ordering::AcqRel);
         }
         self.file = None;
+        // A last archiving pass (the process that handed over leaves that to its successor).
+        if !self.handed_over {
+            if let Some(a) = &self.archiver {
+                a.trigger();
+            }
+        }
+        // Dropping them lets the archiver and the exporter finish and end.
+        self.archiver = None;
+        self.exporter = None;
     }
 }
 

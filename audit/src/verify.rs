@@ -5,7 +5,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use crate::chain::{self, LineError, LineKind, ParsedLine};
+use std::collections::HashMap;
+
+use crate::chain::{self, AuditKeys, LineError, LineKind, ParsedLine};
 
 /// What [`verify`] found in a file that passed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,9 @@ pub struct VerifyReport {
     pub unsealed_records: u64,
     /// How the anchor file was used.
     pub anchor: AnchorCheck,
+    /// The key ids this file's checkpoints name (`"key"`), in the order they take effect
+    /// (empty for a file written without `key_id`). A key rotation shows as a second id.
+    pub key_ids: Vec<String>,
     /// Human-readable notes (continuation, unsealed tail, anchor state). Not failures.
     pub warnings: Vec<String>,
 }
@@ -125,6 +130,13 @@ pub enum VerifyErrorKind {
     /// Two files continue the same line (the same hand-over checkpoint): a copied or
     /// forged segment.
     Forked,
+    /// A checkpoint names a key id that none of the keys given has (and no key given without
+    /// an id authenticates it): verify with every key of the trail (key rotation).
+    UnknownKey,
+    /// An off-host checkpoint copy does not match the trail: the trail's line of that seq is
+    /// another one (the trail was rewritten), or the trail ends before it (cut off or rolled
+    /// back). See [`verify_checkpoints`].
+    CheckpointCopyMismatch,
 }
 
 /// Why a file failed verification, and where.
@@ -166,6 +178,22 @@ impl std::error::Error for VerifyError {}
 /// records after the last checkpoint, a cut-off tail cannot be detected: the report says so
 /// (`unsealed tail: N records`) without failing, since a running gateway always has such a tail.
 pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError> {
+    verify_keys(path, &AuditKeys::single(hmac_key))
+}
+
+/// [`verify`] with several keys (a trail written across a key rotation): see [`AuditKeys`] for
+/// which key checks which line. A file written with two keys verifies only when both are
+/// given.
+pub fn verify_keys(path: &Path, keys: &AuditKeys) -> Result<VerifyReport, VerifyError> {
+    verify_inner(path, keys, &mut |_, _| {})
+}
+
+/// [`verify_keys`], calling `on_checkpoint(seq, mac)` for every checkpoint line.
+fn verify_inner(
+    path: &Path,
+    keys: &AuditKeys,
+    on_checkpoint: &mut dyn FnMut(u64, &str),
+) -> Result<VerifyReport, VerifyError> {
     let err = |line: Option<u64>, seq: Option<u64>, kind, detail: String| VerifyError {
         file: path.to_path_buf(),
         line,
@@ -192,9 +220,12 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
         link: None,
         unsealed_records: 0,
         anchor: AnchorCheck::Missing,
+        key_ids: Vec::new(),
         warnings: Vec::new(),
     };
     let mut prev_mac = String::new();
+    // The key in force (index into `keys`).
+    let mut in_force: Option<usize> = None;
     // (seq, mac) of every checkpoint, to check the anchor against.
     let mut checkpoints: Vec<(u64, String)> = Vec::new();
     // Records in the chain at the last checkpoint, when known from the start of the chain.
@@ -227,8 +258,11 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
             ));
         }
         let line = &buf[..buf.len() - 1];
-        let parsed: ParsedLine = match chain::parse_line(hmac_key, line) {
-            Ok(p) => p,
+        let parsed: ParsedLine = match chain::parse_line_keys(keys, line, in_force) {
+            Ok((p, k)) => {
+                in_force = Some(k);
+                p
+            }
             Err(LineError::Malformed(m)) => {
                 return Err(err(Some(line_no), expected, VerifyErrorKind::Malformed, m))
             }
@@ -241,7 +275,23 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
                     "mac does not match the line: the line was edited (or the key is wrong)".into(),
                 ));
             }
+            Err(LineError::UnknownKey(id)) => {
+                let seq = seq_hint(line).or(expected);
+                return Err(err(
+                    Some(line_no),
+                    seq,
+                    VerifyErrorKind::UnknownKey,
+                    format!(
+                        "the checkpoint names key id {id:?}, and no key given authenticates it: give every key of the trail (the line may also have been edited)"
+                    ),
+                ));
+            }
         };
+        if let Some(id) = &parsed.key_id {
+            if report.key_ids.last() != Some(id) {
+                report.key_ids.push(id.clone());
+            }
+        }
         match expected {
             None => {
                 if parsed.seq == 1 && !parsed.prev.is_empty() {
@@ -351,6 +401,7 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
                 report.unsealed_records = 0;
                 report.last_checkpoint = Some((parsed.seq, *records));
                 checkpoints.push((parsed.seq, parsed.mac.clone()));
+                on_checkpoint(parsed.seq, &parsed.mac);
                 if *handover {
                     report.handovers.push(HandOverPoint {
                         seq: parsed.seq,
@@ -385,7 +436,7 @@ pub fn verify(path: &Path, hmac_key: &[u8]) -> Result<VerifyReport, VerifyError>
     }
 
     // The anchor.
-    let anchor = chain::read_anchor(hmac_key, path)
+    let anchor = chain::read_anchor(keys, path)
         .map_err(|e| err(None, None, VerifyErrorKind::AnchorInvalid, e))?;
     let Some(anchor) = anchor else {
         report.warnings.push(format!(
@@ -585,12 +636,30 @@ pub fn find_trails(dir: &Path) -> std::io::Result<FoundTrails> {
 /// records: the old process ended without sealing, e.g. killed), and a hand-over checkpoint
 /// no later file continues (the hand-over did not finish, or the continuation is missing).
 pub fn verify_files(paths: &[PathBuf], hmac_key: &[u8]) -> Result<Vec<VerifyReport>, VerifyError> {
+    verify_files_keys(paths, &AuditKeys::single(hmac_key))
+}
+
+/// [`verify_files`] with several keys (a trail written across a key rotation; see
+/// [`AuditKeys`]): every key the trail names must be given.
+pub fn verify_files_keys(
+    paths: &[PathBuf],
+    keys: &AuditKeys,
+) -> Result<Vec<VerifyReport>, VerifyError> {
+    verify_files_inner(paths, keys, &mut |_, _, _| {})
+}
+
+fn verify_files_inner(
+    paths: &[PathBuf],
+    keys: &AuditKeys,
+    on_checkpoint: &mut dyn FnMut(usize, u64, &str),
+) -> Result<Vec<VerifyReport>, VerifyError> {
+    let hmac_key = keys;
     let mut reports: Vec<VerifyReport> = Vec::with_capacity(paths.len());
     // Lines continued by a later file: (file index, seq, successor index).
     let mut taken: Vec<(usize, u64, usize)> = Vec::new();
     let mut prev_idx: Option<usize> = None;
     for (i, path) in paths.iter().enumerate() {
-        let mut report = verify(path, hmac_key)?;
+        let mut report = verify_inner(path, keys, &mut |seq, mac| on_checkpoint(i, seq, mac))?;
         if let (Some(first), Some(p)) = (report.first_seq, prev_idx) {
             let Some(point) = link_point(&reports[p], first, &report.first_prev) else {
                 return Err(diagnose_link(
@@ -693,7 +762,7 @@ fn diagnose_link(
     p: usize,
     i: usize,
     report: &VerifyReport,
-    hmac_key: &[u8],
+    hmac_key: &AuditKeys,
 ) -> VerifyError {
     let first = report.first_seq.unwrap_or(0);
     let prev = report.first_prev.as_str();
@@ -739,7 +808,7 @@ fn diagnose_link(
     }
     // It continues a file after it.
     for (k, later) in paths.iter().enumerate().skip(i + 1) {
-        if let Ok(r) = verify(later, hmac_key) {
+        if let Ok(r) = verify_keys(later, hmac_key) {
             if let Some(lp) = link_point(&r, first, prev) {
                 return err(
                     VerifyErrorKind::Reordered,
@@ -808,11 +877,11 @@ fn diagnose_link(
 }
 
 /// Whether the line `seq` of `path` has MAC `mac`; what it is if so. For error messages.
-fn line_with_mac(path: &Path, hmac_key: &[u8], seq: u64, mac: &str) -> Option<&'static str> {
+fn line_with_mac(path: &Path, keys: &AuditKeys, seq: u64, mac: &str) -> Option<&'static str> {
     let file = File::open(path).ok()?;
     for line in BufReader::new(file).split(b'\n') {
         let line = line.ok()?;
-        if let Ok(p) = chain::parse_line(hmac_key, &line) {
+        if let Ok((p, _)) = chain::parse_line_keys(keys, &line, None) {
             if p.seq == seq {
                 return (p.mac == mac).then_some(match p.kind {
                     LineKind::Record => "record",
@@ -822,4 +891,144 @@ fn line_with_mac(path: &Path, hmac_key: &[u8], seq: u64, mac: &str) -> Option<&'
         }
     }
     None
+}
+
+/// What [`verify_checkpoints`] found besides the trail's own reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointCopies {
+    /// The file of copies.
+    pub file: PathBuf,
+    /// Copies that matched a checkpoint of the trail (seq and mac).
+    pub matched: u64,
+    /// Copies of checkpoints older than the oldest segment given (archived or pruned): not
+    /// checked.
+    pub older: u64,
+    /// Notes (not failures), e.g. an incomplete last line in the copies file.
+    pub warnings: Vec<String>,
+}
+
+/// Verifies a trail ([`verify_files_keys`]) and checks it against copies of its checkpoints
+/// kept off the host (`audit.offhost_checkpoints`): `copies` holds checkpoint lines, one per
+/// line, as the writer copied them. Every copy must authenticate with `keys`, and the trail
+/// must hold a checkpoint with the same seq and mac; so a trail rewritten from scratch with
+/// the key (altered records, re-chained, new anchors), or cut back or rolled back to before
+/// the newest copy, fails ([`VerifyErrorKind::CheckpointCopyMismatch`], naming the copies file
+/// and line). Copies older than the first line of the trail given (segments archived or
+/// pruned) are counted in [`CheckpointCopies::older`], not failed: verify the archive with
+/// them too. An incomplete last line in the copies file (an interrupted append) is a note.
+pub fn verify_checkpoints(
+    paths: &[PathBuf],
+    keys: &AuditKeys,
+    copies: &Path,
+) -> Result<(Vec<VerifyReport>, CheckpointCopies), VerifyError> {
+    let cerr = |line: Option<u64>, seq: Option<u64>, kind, detail: String| VerifyError {
+        file: copies.to_path_buf(),
+        line,
+        seq,
+        kind,
+        detail,
+    };
+    let bytes =
+        std::fs::read(copies).map_err(|e| cerr(None, None, VerifyErrorKind::Io, e.to_string()))?;
+    let mut out = CheckpointCopies {
+        file: copies.to_path_buf(),
+        ..Default::default()
+    };
+    // (seq, mac, line number) of every copy.
+    let mut wanted: Vec<(u64, String, u64)> = Vec::new();
+    let mut pieces = bytes.split(|b| *b == b'\n').peekable();
+    let mut n = 0u64;
+    while let Some(raw) = pieces.next() {
+        if pieces.peek().is_none() {
+            if !raw.is_empty() {
+                out.warnings.push(format!(
+                    "{}: the last line is incomplete ({} bytes, no newline): an interrupted copy, not checked",
+                    copies.display(),
+                    raw.len()
+                ));
+            }
+            break;
+        }
+        n += 1;
+        if raw.is_empty() {
+            continue;
+        }
+        let p =
+            match chain::parse_line_keys(keys, raw, None) {
+                Ok((p, _)) => p,
+                Err(LineError::Malformed(m)) => {
+                    return Err(cerr(Some(n), seq_hint(raw), VerifyErrorKind::Malformed, m))
+                }
+                Err(LineError::MacMismatch) | Err(LineError::UnknownKey(_)) => return Err(cerr(
+                    Some(n),
+                    seq_hint(raw),
+                    VerifyErrorKind::MacMismatch,
+                    "the copy does not authenticate with the keys given (edited, or another key)"
+                        .into(),
+                )),
+            };
+        if p.kind == LineKind::Record {
+            return Err(cerr(
+                Some(n),
+                Some(p.seq),
+                VerifyErrorKind::Malformed,
+                "a record, not a checkpoint: this is not a file of checkpoint copies".into(),
+            ));
+        }
+        wanted.push((p.seq, p.mac, n));
+    }
+    let mut held: HashMap<u64, Vec<(String, usize)>> = HashMap::new();
+    let reports = verify_files_inner(paths, keys, &mut |file, seq, mac| {
+        held.entry(seq).or_default().push((mac.to_string(), file));
+    })?;
+    let first = reports.iter().filter_map(|r| r.first_seq).min();
+    let last = reports.iter().filter_map(|r| r.last_seq).max();
+    for (seq, mac, line) in wanted {
+        if held
+            .get(&seq)
+            .is_some_and(|v| v.iter().any(|(m, _)| *m == mac))
+        {
+            out.matched += 1;
+            continue;
+        }
+        if first.is_some_and(|f| seq < f) {
+            out.older += 1;
+            continue;
+        }
+        let detail = match last {
+            Some(l) if seq > l => format!(
+                "the off-host copy of checkpoint seq {seq} is beyond the end of the trail (seq {l}): the trail was cut off or rolled back"
+            ),
+            None => format!(
+                "the off-host copy of checkpoint seq {seq} has no counterpart: the trail is empty"
+            ),
+            _ => {
+                let at = reports
+                    .iter()
+                    .find(|r| {
+                        r.first_seq.is_some_and(|f| f <= seq) && r.last_seq.is_some_and(|l| seq <= l)
+                    })
+                    .map(|r| format!(" ({})", r.file.display()))
+                    .unwrap_or_default();
+                format!(
+                    "the trail's line seq {seq}{at} is not the checkpoint copied off the host (mac {mac}): the trail was rewritten"
+                )
+            }
+        };
+        return Err(cerr(
+            Some(line),
+            Some(seq),
+            VerifyErrorKind::CheckpointCopyMismatch,
+            detail,
+        ));
+    }
+    if out.older > 0 {
+        out.warnings.push(format!(
+            "{}: {} copies of checkpoints older than the first segment given (seq {}) were not checked: verify the archive with them",
+            copies.display(),
+            out.older,
+            first.unwrap_or(0)
+        ));
+    }
+    Ok((reports, out))
 }

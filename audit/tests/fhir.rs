@@ -4,7 +4,7 @@
 mod common;
 
 use caregate_audit::fhir::{action_code, interaction_of, to_fhir_audit_event};
-use caregate_audit::{verify, AuditFormat, AuditRecord, AuditSink, Outcome, Phase};
+use caregate_audit::{verify, AuditFormat, AuditRecord, AuditSink, BreakGlassUse, Outcome, Phase};
 use common::*;
 use serde_json::{json, Value};
 
@@ -364,6 +364,7 @@ fn fhir_format_sink_writes_verifiable_audit_events() {
     };
     sys.upstream = None;
     samples.push(sys);
+    samples.push(emergency_record());
     samples.push(AuditRecord::default());
 
     let rt = runtime();
@@ -436,6 +437,7 @@ fn audit_events_pass_the_fhir_r4_schema_when_the_peer_is_installed() {
     denied.outcome.reason = Some("token_invalid".into());
     denied.actor = Default::default();
     variants.push(denied);
+    variants.push(emergency_record());
     variants.push(AuditRecord::default());
     for v in variants {
         sink.append(v).unwrap();
@@ -455,7 +457,7 @@ fn audit_events_pass_the_fhir_r4_schema_when_the_peer_is_installed() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert_eq!(stdout.trim(), "OK 10", "{stderr}");
+    assert_eq!(stdout.trim(), "OK 11", "{stderr}");
 }
 
 #[test]
@@ -481,4 +483,79 @@ fn a_config_reload_is_a_security_alert_of_software_configuration() {
     assert_eq!(ev["subtype"][0]["code"], "110131");
     assert_eq!(ev["outcome"], "0");
     assert_eq!(ext(&ev, "phase").unwrap()["valueCode"], "admin");
+}
+
+/// A clinician of hospital A reading hospital B's patient with emergency access (a completion
+/// record: tenant isolation and masking overridden).
+fn emergency_record() -> AuditRecord {
+    let mut r = read_record();
+    r.phase = Phase::Completion;
+    r.actor.roles = vec!["er_physician".into()];
+    r.break_glass = Some(BreakGlassUse {
+        purpose: "ETREAT".into(),
+        reason: "unconscious patient in ER".into(),
+        overrode: vec!["tenant".into(), "mask".into()],
+        from_grant: false,
+    });
+    r
+}
+
+#[test]
+fn an_emergency_access_carries_its_purpose_of_use_and_reason() {
+    const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+    const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
+    let purpose = json!([{"coding": [{"system": ACT_REASON, "code": "ETREAT"}]}]);
+
+    let ev = to_fhir_audit_event(&emergency_record());
+    assert_eq!(ev["purposeOfEvent"], purpose);
+    // On the user, who made the request; not on the client or the server.
+    let user = agent(&ev, PARTICIPATION, "IRCP");
+    assert_eq!(user["purposeOfUse"], purpose);
+    assert!(agent(&ev, DCM, "110152").get("purposeOfUse").is_none());
+    assert!(agent(&ev, DCM, "110153").get("purposeOfUse").is_none());
+    assert_eq!(ext(&ev, "break-glass").unwrap()["valueBoolean"], true);
+    assert_eq!(
+        ext(&ev, "break-glass-reason").unwrap(),
+        &json!({"url": "urn:caregate:audit:break-glass-reason", "valueString": "unconscious patient in ER"})
+    );
+    let overrode: Vec<&Value> = ev["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["url"] == "urn:caregate:audit:break-glass-overrode")
+        .map(|e| &e["valueCode"])
+        .collect();
+    assert_eq!(overrode, [&json!("tenant"), &json!("mask")]);
+    assert!(ext(&ev, "break-glass-from-grant").is_none());
+    // The rest of the event is the usual one.
+    assert_eq!(ev["subtype"][0]["code"], "read");
+    assert_eq!(
+        entity(&ev, "1").unwrap()["what"]["reference"],
+        "Patient/pat-1"
+    );
+
+    // Covered by an earlier claim's grant; a system caller (no user agent): the client agent,
+    // the requestor, carries the purpose.
+    let mut r = emergency_record();
+    r.break_glass.as_mut().unwrap().from_grant = true;
+    r.break_glass.as_mut().unwrap().overrode.clear();
+    r.actor.subject = None;
+    let ev = to_fhir_audit_event(&r);
+    assert_eq!(
+        ext(&ev, "break-glass-from-grant").unwrap()["valueBoolean"],
+        true
+    );
+    assert!(ext(&ev, "break-glass-overrode").is_none());
+    let client = agent(&ev, DCM, "110152");
+    assert_eq!(client["requestor"], true);
+    assert_eq!(client["purposeOfUse"], purpose);
+
+    // Without emergency access: none of it.
+    let ev = to_fhir_audit_event(&read_record());
+    assert!(ev.get("purposeOfEvent").is_none());
+    assert!(ext(&ev, "break-glass").is_none());
+    assert!(ext(&ev, "break-glass-reason").is_none());
+    for a in ev["agent"].as_array().unwrap() {
+        assert!(a.get("purposeOfUse").is_none(), "{a}");
+    }
 }

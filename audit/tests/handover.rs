@@ -619,7 +619,8 @@ fn retention_keeps_a_segment_its_old_process_still_writes() {
     let path = dir.path().join("audit.jsonl");
     let mut cfg = config(&path);
     cfg.rotate_bytes = 3000;
-    cfg.retain_files = 1;
+    cfg.retain_files = Some(1);
+    cfg.archive_dir = Some(dir.path().join("archive"));
     cfg.checkpoint_every_records = 4;
     let rt = runtime();
     let a = AuditSink::start(&cfg).unwrap();

@@ -30,7 +30,11 @@ fn config_is_strict_and_checks_the_key() {
     assert_eq!(cfg.checkpoint_every_records, 1000);
     assert_eq!(cfg.checkpoint_interval_ms, 1000);
     assert_eq!(cfg.rotate_bytes, 256 * 1024 * 1024);
-    assert_eq!(cfg.retain_files, 30);
+    assert_eq!(
+        cfg.retain_files, None,
+        "nothing is deleted unless archived first"
+    );
+    assert_eq!(cfg.archive_dir, None);
     let unknown = serde_json::json!({ "path": "/tmp/a", "hmac_key": KEY, "fsynk": "always" });
     let e = serde_json::from_value::<AuditConfig>(unknown).unwrap_err();
     assert!(e.to_string().contains("unknown field"), "{e}");
@@ -387,7 +391,8 @@ fn rotation_continues_the_chain_and_keeps_retain_files() {
     let path = dir.path().join("audit.jsonl");
     let mut cfg = config(&path);
     cfg.rotate_bytes = 4000;
-    cfg.retain_files = 3;
+    cfg.retain_files = Some(3);
+    cfg.archive_dir = Some(dir.path().join("archive"));
     cfg.checkpoint_every_records = 4;
     let sink = AuditSink::start(&cfg).unwrap();
     let rt = runtime();

@@ -8,11 +8,17 @@ CPU 0. All SUTs run at once on their own loopback ports; each round measures eve
 pair in a shuffled order, so drift on this shared machine spreads over all systems. Figures are
 reported as per-round ratios: median [min-max].
 
+The mllp scenario (HL7 v2 over MLLP): a native ACK responder (integration-tests' mllp-responder, on
+CPU 0) reached directly and through a caregate's MLLP listener (one hl7 route to an mllp pool), with
+and without the durable audit trail; the load client is the same binary's --load mode (on CPU 0),
+each connection sending an ORU^R01 and waiting for its ACK. Every ACK must be AA.
+
 The caregate-chain-ratelimit-{local,redis} gateways are the full chain plus a `rate_limit` filter
 whose limits never refuse, kept in memory or in a redis-server the harness starts on CPU 0 (beside
 the load generator and the origin); their ratios to caregate-chain are the filter's cost.
 
-Fails (exit 1) when a SUT answers with errors or unexpected statuses, when a rate-limited gateway
+Fails (exit 1) when a SUT answers with errors or unexpected statuses (or an ACK other than AA), when a
+gateway relayed fewer HL7 messages than measured, when a rate-limited gateway
 did not check every request or used its Redis fallback (store errors, fallback gauge), or when a
 ratio cannot be computed. There is no speed assertion.
 """
@@ -43,6 +49,33 @@ TENANT_HOST = "st-mary.bench.example"
 PATIENT_ID = json.loads((DATA / "patient.json").read_text())["id"]
 PATIENT_PATH = f"/fhir/Patient/{PATIENT_ID}"
 SEARCH_PATH = f"/fhir/Observation?patient={PATIENT_ID}&_include=Observation:patient"
+
+# The mllp scenario's message: a synthetic ORU^R01 (a complete blood count) from the lab's LIS, about
+# 1.5 KB, as a lab interface engine sends results. The load client replaces MSH-10 with a unique id
+# per message and checks that each ACK's MSA-2 names it.
+HL7_ORU_R01 = "\r".join([
+    "MSH|^~\\&|LIS|NORTH_LAB|EHR|GENERAL_HOSP|20250301083015+0000||ORU^R01^ORU_R01|BENCH0001|P|2.5.1",
+    "PID|1||555-44-4444^^^NORTH_LAB^MR~9876543210^^^NHS^NH||CONN^LIZ^A||19640311|F|||12 HIGH STREET^^SPRINGFIELD^^01103^USA||^PRN^PH^^^413^5550123",
+    "PV1|1|O|LAB^^^NORTH_LAB||||1234^SMITH^ANNA^^^DR|||||||||||VN0012345",
+    "ORC|RE|ORD448811|LAB778899||CM||||20250301073000+0000|||1234^SMITH^ANNA^^^DR",
+    "OBR|1|ORD448811|LAB778899|58410-2^CBC panel - Blood by Automated count^LN|||20250301071500+0000|||||||20250301072000+0000||1234^SMITH^ANNA^^^DR||||||20250301083000+0000||HM|F",
+    "OBX|1|NM|6690-2^Leukocytes [#/volume] in Blood by Automated count^LN||6.3|10*3/uL|4.0-11.0|N|||F|||20250301082500+0000",
+    "OBX|2|NM|789-8^Erythrocytes [#/volume] in Blood by Automated count^LN||4.52|10*6/uL|3.80-5.20|N|||F|||20250301082500+0000",
+    "OBX|3|NM|718-7^Hemoglobin [Mass/volume] in Blood^LN||13.1|g/dL|12.0-16.0|N|||F|||20250301082500+0000",
+    "OBX|4|NM|4544-3^Hematocrit [Volume Fraction] of Blood by Automated count^LN||39.8|%|36.0-46.0|N|||F|||20250301082500+0000",
+    "OBX|5|NM|787-2^MCV [Entitic volume] by Automated count^LN||88.1|fL|80.0-100.0|N|||F|||20250301082500+0000",
+    "OBX|6|NM|785-6^MCH [Entitic mass] by Automated count^LN||29.0|pg|27.0-33.0|N|||F|||20250301082500+0000",
+    "OBX|7|NM|786-4^MCHC [Mass/volume] by Automated count^LN||32.9|g/dL|32.0-36.0|N|||F|||20250301082500+0000",
+    "OBX|8|NM|777-3^Platelets [#/volume] in Blood by Automated count^LN||251|10*3/uL|150-400|N|||F|||20250301082500+0000",
+    "NTE|1|L|Specimen received in good condition.",
+]) + "\r"
+# An ADT^A01 from the same facility: no hl7 route of the bench gateways takes it (AR, refused).
+HL7_ADT_A01 = "\r".join([
+    "MSH|^~\\&|ADT|NORTH_LAB|EHR|GENERAL_HOSP|20250301083015+0000||ADT^A01^ADT_A01|BENCHADT1|P|2.5.1",
+    "EVN|A01|20250301083000+0000",
+    "PID|1||555-44-4444^^^NORTH_LAB^MR||CONN^LIZ^A||19640311|F",
+    "PV1|1|I|WARD1^101^1^NORTH_LAB",
+]) + "\r"
 
 
 class HarnessError(Exception):
@@ -386,6 +419,33 @@ routes:
     return path
 
 
+def caregate_hl7_conf(d, name, port, admin, mllp_port, responder, max_in_flight, audit):
+    """A gateway whose MLLP listener relays ORU^R01 messages from NORTH_LAB to the responder (one hl7
+    route, one mllp pool); the HTTP listener is required by the config and carries no route."""
+    audit_line = f'audit: {{ path: "{d}/{name}-audit.jsonl", hmac_key: "load-harness-audit-key-0123456789abcdef0123" }}' if audit else ""
+    path = d / f"{name}.yaml"
+    path.write_text(f"""
+server: {{ threads: 1, work_stealing: false, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, connections: {{ max_per_client: 0, max_total: 0 }} }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+access_log: {{ enabled: false }}
+{audit_line}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{port}" }} ]
+pools:
+  - name: lab-mllp
+    protocol: mllp
+    zones: [ {{ name: a, backends: [ {{ address: "127.0.0.1:{responder}" }} ] }} ]
+    health_check: {{ interval_ms: 2000 }}
+    timeouts: {{ connect_ms: 1000 }}
+hl7:
+  facilities: [ {{ name: NORTH_LAB }} ]
+  listeners:
+    - {{ name: hl7-bench, channel: internal, listen: "127.0.0.1:{mllp_port}", max_in_flight: {max_in_flight} }}
+  routes:
+    - {{ name: lab-results, listener: hl7-bench, message_types: ["ORU^R01"], sending_facilities: [NORTH_LAB], pool: lab-mllp }}
+""")
+    return path
+
+
 # The rate_limit filter of the caregate-chain-ratelimit-* gateways: one limit per user (keyed on the
 # hashed subject: 1,000 users in rotation) and one per client address, both far above any rate this
 # machine reaches, so every request is checked against both and allowed. A refusal would show as a
@@ -438,6 +498,41 @@ def run_wrk(port, path, duration, connections, host="localhost", token_file=None
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": sum(int(x) for x in sock.groups()) if sock else 0,
     }
+
+
+def run_mllp(responder_bin, port, duration, connections, message_file):
+    """The MLLP load client (mllp-responder --load, on CPU 0): `connections` connections, each sending
+    the message and waiting for its ACK, for `duration` seconds. Fails on anything but AA."""
+    argv = ["taskset", "-c", "0", responder_bin, "--load", f"127.0.0.1:{port}", "--connections", str(connections), "--seconds", str(duration), "--message", str(message_file)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    try:
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise HarnessError(f"mllp load client failed (exit {out.returncode}): {out.stdout}{out.stderr}")
+    not_aa = {k: v for k, v in doc["acks"].items() if k != "AA" and v}
+    if out.returncode != 0 or doc["errors"] or not_aa or doc["unreadable_acks"] or doc["mismatched_acks"] or not doc["messages"]:
+        raise HarnessError(
+            f"mllp load on port {port}: {doc['messages']} messages, ACKs {doc['acks']}, {doc['unreadable_acks']} unreadable, "
+            f"{doc['mismatched_acks']} for another control id, errors {doc['errors'][:3]}{out.stderr}"
+        )
+    return {"requests": doc["acks"]["AA"], "rps": doc["messages_per_second"], "seconds": doc["seconds"], "non2xx": 0, "socket_errors": 0}
+
+
+def mllp_exchange(port, message, timeout=10.0):
+    """Sends one MLLP frame on a new connection; returns (MSA-1, MSA-2) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+        buf = b""
+        while not buf.endswith(b"\x1c\r"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise HarnessError(f"MLLP port {port}: closed without an answer")
+            buf += chunk
+    for segment in buf.strip(b"\x0b\x1c\r").split(b"\r"):
+        if segment.startswith(b"MSA"):
+            fields = segment.decode().split(segment.decode()[3]) + ["", ""]
+            return fields[1], fields[2]
+    raise HarnessError(f"MLLP port {port}: an answer without MSA: {buf[:200]!r}")
 
 
 def oha_json_flag():
@@ -550,6 +645,7 @@ def main():
     if not target.is_absolute():
         target = ROOT / target
     ap.add_argument("--caregate", default=str(target / "release" / "caregate"), help="the caregate binary (default: the release build in the cargo target dir)")
+    ap.add_argument("--mllp-responder", default=str(target / "release" / "mllp-responder"), help="the MLLP responder and load client of the mllp scenario (default: the release build in the cargo target dir)")
     ap.add_argument("--out", help="write the raw results as JSON here")
     ap.add_argument("--baseline", help="another caregate binary (e.g. the release build of the commit before a change): its passthrough, full chain and patient-context chain run beside this one's, in the same rounds, and the report gives this / baseline ratios")
     args = ap.parse_args()
@@ -565,6 +661,8 @@ def main():
             raise HarnessError(f"{tool} is not installed (run benches/load/run.sh)")
     if not Path(args.caregate).exists():
         raise HarnessError(f"{args.caregate} missing: cargo build --release -p caregate")
+    if not Path(args.mllp_responder).exists():
+        raise HarnessError(f"{args.mllp_responder} missing: cargo build --release -p caregate-integration-tests --bin mllp-responder")
     if os.cpu_count() < 2:
         raise HarnessError("needs 2 CPUs (SUT on CPU 1, load generator and origin on CPU 0)")
 
@@ -578,6 +676,8 @@ def main():
             (d / tmp).mkdir()
         shutil.copy(DATA / "patient.json", d / "www" / "patient.json")
         shutil.copy(DATA / "searchset-70k.json", d / "www" / "searchset-70k.json")
+        oru_file = d / "oru-r01.hl7"
+        oru_file.write_text(HL7_ORU_R01)
         log("minting RS256 tokens (node crypto)...")
         subprocess.run(["taskset", "-c", "0", "node", str(HERE / "mint-tokens.mjs"), str(d), "10000"], check=True, env={**os.environ, "BENCH_PATIENT": PATIENT_ID})
         all_tokens = (d / "tokens-10000.txt").read_text().split()
@@ -644,7 +744,29 @@ def main():
                 log_dir=d,
             )
 
-        # (scenario, sut, path, host, token file)
+        # The mllp scenario: the ACK responder (CPU 0, beside the load client), reached directly and
+        # through two gateways (CPU 1): the MLLP relay alone, and with the durable audit trail.
+        responder_port = free_port()
+        suts["mllp-responder"] = Sut("mllp-responder", [args.mllp_responder, "--listen", f"127.0.0.1:{responder_port}"], responder_port, 0, log_dir=d)
+        hl7_gateways = ("caregate-hl7", "caregate-hl7-audit")
+        for name in hl7_gateways:
+            p, admin, mllp_port = free_port(), free_port(), free_port()
+            conf = caregate_hl7_conf(d, name, p, admin, mllp_port, responder_port, max(256, args.connections), audit=name.endswith("-audit"))
+            admins[name] = admin
+            check = subprocess.run([args.caregate, "check", "-c", str(conf)], capture_output=True, text=True)
+            if check.returncode != 0:
+                raise HarnessError(f"{name}: config refused: {check.stdout}{check.stderr}")
+            suts[name] = Sut(
+                name,
+                [args.caregate, "run", "-c", str(conf)],
+                mllp_port,
+                1,
+                ready=lambda admin=admin, mllp_port=mllp_port: http_get(admin, "/readyz", timeout=1)[0] == 200
+                and socket.create_connection(("127.0.0.1", mllp_port), timeout=0.5).close() is None,
+                log_dir=d,
+            )
+
+        # (scenario, sut, path, host, token file); the mllp cases have no path, host or token.
         cases = [
             ("patient", "direct", "origin", PATIENT_PATH, "localhost", None),
             ("patient", "nginx", "nginx", PATIENT_PATH, "localhost", None),
@@ -663,6 +785,9 @@ def main():
             ("search70k", "nginx", "nginx", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate", "caregate", SEARCH_PATH, "localhost", None),
             ("search70k", "caregate-mask", "caregate-mask", SEARCH_PATH, "localhost", None),
+            ("mllp", "direct", "mllp-responder", None, None, None),
+            ("mllp", "caregate-hl7", "caregate-hl7", None, None, None),
+            ("mllp", "caregate-hl7-audit", "caregate-hl7-audit", None, None, None),
         ]
 
         if args.baseline:
@@ -673,12 +798,13 @@ def main():
             ]
 
         preflight(suts, one_token)
+        preflight_mllp(suts, hl7_gateways)
         # Clients reuse a token many times within its lifetime: every token has been seen once
         # before the measured runs, as a gateway in service would have seen it.
         for name in ("caregate-chain", "caregate-chain-noaudit", "caregate-chain-scale", "caregate-chain-compartment", "caregate-chain-ratelimit-local", "caregate-chain-ratelimit-redis", "caregate-chain-baseline", "caregate-chain-compartment-baseline"):
             if name in suts:
                 prime(suts[name].port, all_tokens)
-        measured = {name: 0 for name in rate_limited}
+        measured = {name: 0 for name in (*rate_limited, *hl7_gateways)}
 
         for rnd in range(rounds):
             order = cases[:]
@@ -686,11 +812,15 @@ def main():
             log(f"round {rnd + 1}/{rounds}")
             for scenario, label, sut_name, path, host, tfile in order:
                 sut = suts[sut_name]
-                run_wrk(sut.port, path, warmup, args.connections, host, tfile)
+                if scenario == "mllp":
+                    load = lambda seconds: run_mllp(args.mllp_responder, sut.port, seconds, args.connections, oru_file)  # noqa: E731
+                else:
+                    load = lambda seconds: run_wrk(sut.port, path, seconds, args.connections, host, tfile)  # noqa: E731
+                load(warmup)
                 pids = sut.pids()
                 redis_pids = suts["redis"].pids() if rate_limited.get(sut_name) else []
                 before, redis_before = cpu_ticks(pids), cpu_ticks(redis_pids)
-                r = run_wrk(sut.port, path, duration, args.connections, host, tfile)
+                r = load(duration)
                 ticks = cpu_ticks(sut.pids()) - before
                 r.update(round=rnd, scenario=scenario, sut=label)
                 r["cpu_us_per_req"] = ticks / CLK_TCK * 1e6 / r["requests"] if r["requests"] else None
@@ -698,15 +828,20 @@ def main():
                     r["redis_cpu_us_per_req"] = (cpu_ticks(redis_pids) - redis_before) / CLK_TCK * 1e6 / r["requests"]
                 if r["non2xx"] or r["socket_errors"] or not r["requests"]:
                     raise HarnessError(f"{label} ({scenario}): {r['non2xx']} non-2xx responses, {r['socket_errors']} socket errors, {r['requests']} requests")
-                if sut_name in rate_limited:
+                if sut_name in measured:
                     measured[sut_name] += r["requests"]
+                if sut_name in rate_limited:
                     check_rate_limits(sut_name, admins[sut_name], measured[sut_name], rate_limited[sut_name])
-                log(f"  {scenario:10} {label:28} {r['rps']:10.0f} req/s  {r['cpu_us_per_req'] or 0:7.1f} CPU-us/req")
+                unit = "msg" if scenario == "mllp" else "req"
+                log(f"  {scenario:10} {label:28} {r['rps']:10.0f} {unit}/s  {r['cpu_us_per_req'] or 0:7.1f} CPU-us/{unit}")
                 results["closed"].append(r)
 
         for name, redis in rate_limited.items():
             results.setdefault("rate_limit_checks", {})[name] = check_rate_limits(name, admins[name], measured[name], redis)
             log(f"  {name}: {results['rate_limit_checks'][name]}")
+        for name in hl7_gateways:
+            results.setdefault("hl7_checks", {})[name] = check_hl7(name, admins[name], measured[name], audited=name.endswith("-audit"))
+            log(f"  {name}: {results['hl7_checks'][name]}")
 
         if latency:
             measure_latency(results, suts, duration, one_token)
@@ -760,6 +895,52 @@ def preflight(suts, token):
     masked = [e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "Patient"]
     if status != 200 or not masked or "telecom" in masked[0] or len(masked[0].get("birthDate", "")) != 4:
         raise HarnessError(f"preflight caregate-mask: {status}, the Patient was not masked")
+
+
+def preflight_mllp(suts, gateways):
+    """The responder acknowledges the ORU^R01 (AA, MSA-2 = its MSH-10) directly and through each
+    gateway; a gateway refuses (AR) a message type no hl7 route takes, so the AA is really relayed
+    along the route and not a passthrough."""
+    for name in ("mllp-responder", *gateways):
+        ack = mllp_exchange(suts[name].port, HL7_ORU_R01)
+        if ack != ("AA", "BENCH0001"):
+            raise HarnessError(f"preflight {name}, ORU^R01: MSA {ack}, expected ('AA', 'BENCH0001')")
+    for name in gateways:
+        ack = mllp_exchange(suts[name].port, HL7_ADT_A01)
+        if ack != ("AR", "BENCHADT1"):
+            raise HarnessError(f"preflight {name}, ADT^A01 (no route): MSA {ack}, expected ('AR', 'BENCHADT1')")
+
+
+def metric_total(samples, metric, **want):
+    """The sum of a metric's samples whose labels have the given values."""
+    out = 0.0
+    for (n, labels), v in samples.items():
+        have = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if n == metric and all(have.get(k) == w for k, w in want.items()):
+            out += v
+    return out
+
+
+def check_hl7(name, admin, messages, audited):
+    """An MLLP gateway relayed at least every measured message (outcome accepted; only the
+    preflight's ADT^A01 was refused, nothing else), and with the audit trail wrote a durable access
+    record for each. Returns the counts."""
+    samples = prometheus_samples(admin)
+    total = metric_total(samples, "caregate_hl7_messages_total")
+    accepted = metric_total(samples, "caregate_hl7_messages_total", outcome="accepted")
+    refused = metric_total(samples, "caregate_hl7_messages_total", outcome="refused")
+    counts = {"measured_messages": messages, "accepted": int(accepted), "refused": int(refused), "other_outcomes": int(total - accepted - refused)}
+    if accepted < messages:
+        raise HarnessError(f"{name}: caregate_hl7_messages_total{{outcome=\"accepted\"}} is {int(accepted)} for {messages} measured messages")
+    if total - accepted - refused:
+        raise HarnessError(f"{name}: {int(total - accepted - refused)} HL7 messages with another outcome than accepted or refused")
+    if audited:
+        ok = metric_total(samples, "caregate_audit_records_total", phase="access", result="ok")
+        errors = metric_total(samples, "caregate_audit_records_total", result="error")
+        counts.update(audit_access_records=int(ok), audit_errors=int(errors))
+        if ok < messages or errors:
+            raise HarnessError(f"{name}: {int(ok)} durable access records and {int(errors)} audit errors for {messages} measured messages")
+    return counts
 
 
 def prime(port, tokens):
@@ -880,7 +1061,16 @@ def report(results):
         if (r["scenario"], r["sut"]) not in seen:
             seen.append((r["scenario"], r["sut"]))
     for scenario, sut in seen:
-        print(f"| {scenario} | {sut} | {fmt_spread(spread(per_round(scenario, sut).values()), '', 0)} | {fmt_spread(spread(per_round(scenario, sut, 'cpu_us_per_req').values()), '', 1)} |")
+        if scenario != "mllp":
+            print(f"| {scenario} | {sut} | {fmt_spread(spread(per_round(scenario, sut).values()), '', 0)} | {fmt_spread(spread(per_round(scenario, sut, 'cpu_us_per_req').values()), '', 1)} |")
+    if any(scenario == "mllp" for scenario, _ in seen):
+        print("\n## HL7 v2 over MLLP (closed loop, %d connections, one ORU^R01 in flight each, %g s x %d rounds)\n" % (results["connections"], results["duration_s"], results["rounds"]))
+        print("CPU per message: the responder's own for direct, the gateway's otherwise.\n")
+        print("| system | messages/s | CPU-us per message |")
+        print("|---|---|---|")
+        for scenario, sut in seen:
+            if scenario == "mllp":
+                print(f"| {sut} | {fmt_spread(spread(per_round(scenario, sut).values()), '', 0)} | {fmt_spread(spread(per_round(scenario, sut, 'cpu_us_per_req').values()), '', 1)} |")
 
     rows = [
         ("passthrough throughput, caregate / nginx", ratio(per_round("patient", "caregate"), per_round("patient", "nginx")), ">= 1.0"),
@@ -907,6 +1097,13 @@ def report(results):
         ("rate limit, Redis store / full chain without it, throughput", ratio(per_round("jwt", "caregate-chain-ratelimit-redis"), per_round("jwt", "caregate-chain")), ""),
         ("rate limit, Redis store / full chain without it, CPU per request", ratio(per_round("jwt", "caregate-chain-ratelimit-redis", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req")), ""),
     ]
+    rows += [
+        ("MLLP throughput, through caregate / direct to the responder", ratio(per_round("mllp", "caregate-hl7"), per_round("mllp", "direct")), ""),
+        ("MLLP relay CPU per message / HTTP passthrough CPU per request", ratio(per_round("mllp", "caregate-hl7", "cpu_us_per_req"), per_round("patient", "caregate", "cpu_us_per_req")), ""),
+        ("MLLP relay CPU per message / the responder's own CPU per message", ratio(per_round("mllp", "caregate-hl7", "cpu_us_per_req"), per_round("mllp", "direct", "cpu_us_per_req")), ""),
+        ("MLLP with the durable audit trail / without, throughput", ratio(per_round("mllp", "caregate-hl7-audit"), per_round("mllp", "caregate-hl7")), ""),
+    ]
+    hl7_audit_cost = diff(per_round("mllp", "caregate-hl7-audit", "cpu_us_per_req"), per_round("mllp", "caregate-hl7", "cpu_us_per_req"))
     rl_local_cost = diff(per_round("jwt", "caregate-chain-ratelimit-local", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
     rl_redis_cost = diff(per_round("jwt", "caregate-chain-ratelimit-redis", "cpu_us_per_req"), per_round("jwt", "caregate-chain", "cpu_us_per_req"))
     redis_cpu = spread(per_round("jwt", "caregate-chain-ratelimit-redis", "redis_cpu_us_per_req").values())
@@ -930,6 +1127,7 @@ def report(results):
     print(f"| durable audit trail: extra CPU-us per request | {fmt_spread(audit_cost, '', 1)} | (reported) |")
     print(f"| masking: extra CPU-us per 70 KB response | {fmt_spread(mask_cost, '', 1)} | (reported) |")
     print(f"| patient compartment (whole exchange): extra CPU-us per read | {fmt_spread(compartment_cost, '', 1)} | (reported) |")
+    print(f"| MLLP, durable audit trail (access + completion records): extra CPU-us per message | {fmt_spread(hl7_audit_cost, '', 1)} | (reported) |")
     print(f"| rate limit, local store (2 limits): extra CPU-us per request | {fmt_spread(rl_local_cost, '', 1)} | (reported) |")
     print(f"| rate limit, Redis store (2 limits): extra CPU-us per request in the gateway | {fmt_spread(rl_redis_cost, '', 1)} | (reported) |")
     print(f"| rate limit, Redis store: redis-server CPU-us per request (CPU 0, with the load generator) | {fmt_spread(redis_cpu, '', 1)} | (reported) |")

@@ -4,8 +4,8 @@
 #   bash benches/load/run.sh --quick    every scenario briefly, 2 rounds, no oha (what CI runs)
 # Other flags go to harness.py (--rounds, --duration, --idle, --latency on|off, --out FILE).
 # Installs what it needs (Debian nginx-light, haproxy, wrk, nodejs, redis-server; oha from
-# crates.io unless --quick or --latency off), builds caregate in release mode, then runs
-# benches/load/harness.py.
+# crates.io unless --quick or --latency off), builds caregate and the MLLP responder
+# (integration-tests' mllp-responder) in release mode, then runs benches/load/harness.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -39,4 +39,6 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release -p caregate --bins
+# The mllp scenario's ACK responder and load client.
+cargo build --release -p caregate-integration-tests --bin mllp-responder
 exec python3 benches/load/harness.py "$@"

@@ -30,6 +30,7 @@ mod compartment;
 pub mod encoding;
 mod error;
 mod params;
+mod patients;
 mod request;
 mod resource_types;
 mod scopes;
@@ -39,6 +40,7 @@ pub use compartment::{
 };
 pub use error::{ClassifyError, ErrorKind};
 pub use params::{parse_params, SearchParam, INCLUDE_MODIFIERS, MAX_PARAMS, R4_MODIFIERS};
+pub use patients::{named_patients, PatientScanner, MAX_NAMED_PATIENTS};
 pub use request::{classify, classify_relative_url, FhirRequest, Interaction};
 pub use resource_types::{
     is_compartment_type, is_resource_type, resource_type_ignore_case, R4_COMPARTMENTS,

@@ -120,6 +120,11 @@ pub mod writers {
     );
     writer!(Cors, "cors", "`cors`: the origin to echo.");
     writer!(
+        BreakGlass,
+        "break_glass",
+        "`break_glass`: the emergency-access decision."
+    );
+    writer!(
         RequestLimits,
         "request_limits",
         "`request_limits`: the body bytes seen."

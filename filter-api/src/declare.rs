@@ -66,6 +66,11 @@ pub enum Capability {
     /// Callers with a patient context are kept inside their own Patient compartment. Provided by
     /// `patient_compartment`.
     PatientConfinement,
+    /// The emergency-access (break-the-glass) decision: the
+    /// [`BreakGlass`](crate::identity::BreakGlass) and
+    /// [`BreakGlassAvailable`](crate::identity::BreakGlassAvailable) facts. Provided by
+    /// `break_glass`; a filter that honours emergency access reads it.
+    BreakGlass,
     /// A capability of users' own filters, named by a stable snake_case name. Two `Custom`
     /// capabilities with the same name are the same capability.
     Custom(&'static str),
@@ -80,6 +85,7 @@ impl Capability {
             Capability::Tenant => "tenant",
             Capability::ScopeEnforcement => "scope_enforcement",
             Capability::PatientConfinement => "patient_confinement",
+            Capability::BreakGlass => "break_glass",
             Capability::Custom(name) => name,
         }
     }
@@ -95,6 +101,9 @@ impl Capability {
             Capability::PatientConfinement => {
                 Cow::Borrowed("the confinement of patient-context callers to their compartment")
             }
+            Capability::BreakGlass => {
+                Cow::Borrowed("the emergency-access (break-the-glass) decision")
+            }
             Capability::Custom(name) => Cow::Owned(format!("`{name}`")),
         }
     }
@@ -107,6 +116,7 @@ impl Capability {
             Capability::Tenant => Some("tenant"),
             Capability::ScopeEnforcement => Some("smart_scopes"),
             Capability::PatientConfinement => Some("patient_compartment"),
+            Capability::BreakGlass => Some("break_glass"),
             Capability::Classification | Capability::Custom(_) => None,
         }
     }
@@ -116,7 +126,10 @@ impl Capability {
     pub const fn single_provider(self) -> bool {
         matches!(
             self,
-            Capability::Principal | Capability::Tenant | Capability::Classification
+            Capability::Principal
+                | Capability::Tenant
+                | Capability::Classification
+                | Capability::BreakGlass
         )
     }
 }

@@ -146,3 +146,103 @@ pub struct TenantConfig {
     #[serde(default)]
     pub pool: Option<String>,
 }
+
+/// What an emergency access may override. A filter honours one of these only if it reads the
+/// [`Capability::BreakGlass`](crate::Capability::BreakGlass) capability and the claim's route
+/// allows the override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakGlassOverride {
+    /// Tenant isolation across the hospitals of the organisation (`tenant`).
+    Tenant,
+    /// Masking of PHI (`fhir_mask`).
+    Mask,
+    /// Consent refusals (filters of one's own that honour it).
+    Consent,
+}
+
+impl BreakGlassOverride {
+    /// As written in config: `tenant`, `mask`, `consent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakGlassOverride::Tenant => "tenant",
+            BreakGlassOverride::Mask => "mask",
+            BreakGlassOverride::Consent => "consent",
+        }
+    }
+}
+
+/// An emergency access (break-the-glass) in force for this request: an entitled caller claimed
+/// it (or an earlier claim's grant covers this patient). Written by `break_glass` only
+/// ([`writers::BreakGlass`](crate::ctx::writers::BreakGlass)). Filters that honour it record
+/// what they overrode with [`BreakGlass::overrode`].
+#[derive(Debug)]
+pub struct BreakGlass {
+    /// The HL7 PurposeOfUse code (e.g. `ETREAT`).
+    pub purpose: String,
+    /// The caller's free-text reason.
+    pub reason: String,
+    /// What this route lets an emergency access override.
+    pub overrides: Vec<BreakGlassOverride>,
+    /// True when an earlier claim's grant covers this request (no claim on it).
+    pub from_grant: bool,
+    /// What was overridden on this request (filled in by honouring filters).
+    overrode: std::sync::Mutex<Vec<BreakGlassOverride>>,
+}
+
+impl BreakGlass {
+    /// A decision to put in force.
+    pub fn new(
+        purpose: String,
+        reason: String,
+        overrides: Vec<BreakGlassOverride>,
+        from_grant: bool,
+    ) -> Self {
+        BreakGlass {
+            purpose,
+            reason,
+            overrides,
+            from_grant,
+            overrode: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the route lets an emergency access override `what`.
+    pub fn allows(&self, what: BreakGlassOverride) -> bool {
+        self.overrides.contains(&what)
+    }
+
+    /// A filter overrode `what` for this request (recorded in the audit trail).
+    pub fn overrode(&self, what: BreakGlassOverride) {
+        let mut v = self.overrode.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.contains(&what) {
+            v.push(what);
+        }
+    }
+
+    /// What was overridden so far.
+    pub fn overridden(&self) -> Vec<BreakGlassOverride> {
+        self.overrode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The caller could claim emergency access on this route but did not: a refusal may say so.
+/// Written by `break_glass` only.
+#[derive(Debug, Clone)]
+pub struct BreakGlassAvailable {
+    /// The request header that carries a claim.
+    pub header: String,
+    /// The accepted purposes.
+    pub purposes: Vec<String>,
+}
+
+/// A refused claim of emergency access, and why (`not_entitled`, `patient_context`,
+/// `purpose_not_accepted`, `bad_header`). Written by `break_glass` only.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakGlassRefused {
+    /// The reason code.
+    pub reason: &'static str,
+}

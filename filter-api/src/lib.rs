@@ -46,7 +46,7 @@ pub use build::{parse_config, BuildContext, BuildError, FilterSpec, SharedBuildS
 use bytes::Bytes;
 pub use ctx::{Channel, FactError, Facts, PreRead, RequestCtx, RequestInfo, Stored};
 pub use pingora_http::{RequestHeader, ResponseHeader};
-pub use reply::{LocalReply, ReplyBody};
+pub use reply::{LocalReply, ReplyBody, TypedBody};
 use serde::Deserialize;
 
 /// What a request-side hook decided.

@@ -14,6 +14,18 @@ pub enum ReplyBody {
     Empty,
     /// A JSON document the filter serves itself (e.g. a SMART configuration).
     Json(bytes::Bytes),
+    /// A body of another media type (e.g. an HL7 v2 acknowledgement), with its content type
+    /// (boxed: a reply stays small where it is only passed along).
+    Other(Box<TypedBody>),
+}
+
+/// A reply body with its media type ([`ReplyBody::Other`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedBody {
+    /// The `Content-Type` of the body.
+    pub content_type: &'static str,
+    /// The body, as sent.
+    pub body: bytes::Bytes,
 }
 
 /// A reply the gateway writes on a filter's behalf.

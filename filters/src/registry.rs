@@ -36,6 +36,7 @@ impl FilterRegistry {
         r.register("ip_allow", builtin::ip_allow::build);
         r.register("tenant", builtin::tenant::build);
         r.register("rate_limit", builtin::rate_limit::build);
+        r.register("break_glass", builtin::break_glass::build);
         r
     }
 

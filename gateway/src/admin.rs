@@ -103,6 +103,61 @@ impl AdminApp {
     }
 }
 
+impl AdminApp {
+    /// An `admin` audit record of an action at the admin listener (queued, not waited for).
+    fn audit_admin(
+        &self,
+        session: &ServerSession,
+        method: &http::Method,
+        path: &str,
+        status: u16,
+        reason: &str,
+    ) {
+        let Some(sink) = &self.audit else { return };
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Only known paths are named; anything else is `other` (a path is caller input).
+        let route = match path {
+            "/metrics" | "/config" | "/reload" | "/reload/rollback" => path.trim_start_matches('/'),
+            p if p.starts_with("/sandbox/") => "sandbox",
+            _ => "other",
+        };
+        let rec = caregate_audit::AuditRecord {
+            request_id: format!("admin-{}-{n}", std::process::id()),
+            phase: caregate_audit::Phase::Admin,
+            actor: caregate_audit::Actor {
+                source_address: session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip().to_string()),
+                ..Default::default()
+            },
+            action: caregate_audit::Action {
+                method: method.as_str().to_string(),
+                route: route.to_string(),
+                listener: "admin".into(),
+                channel: "admin".into(),
+                interaction: Some(reason.replace('_', "-")),
+                ..Default::default()
+            },
+            outcome: caregate_audit::Outcome {
+                status: Some(status),
+                reason: Some(reason.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let result = if sink.append(rec).is_ok() {
+            "ok"
+        } else {
+            "error"
+        };
+        crate::metrics::AUDIT_RECORDS
+            .with_label_values(&["admin", result])
+            .inc();
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -134,6 +189,9 @@ impl ServeHttp for AdminApp {
             _ => {}
         }
         if !self.authorized(session) {
+            // A wrong or missing admin token is an admin action attempted: audited (never the
+            // token itself).
+            self.audit_admin(session, &method, &path, 401, "admin_token_refused");
             let mut r = plain(401, "unauthorized\n");
             r.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,
@@ -182,10 +240,12 @@ impl ServeHttp for AdminApp {
             return match action {
                 "outage" => {
                     control.set_down(true);
+                    self.audit_admin(session, &method, &path, 200, "sandbox_outage");
                     plain(200, "sandbox down: its listener is closed\n")
                 }
                 "restore" => {
                     control.set_down(false);
+                    self.audit_admin(session, &method, &path, 200, "sandbox_restore");
                     plain(200, "sandbox restored\n")
                 }
                 _ => plain(404, "unknown action (outage|restore)\n"),

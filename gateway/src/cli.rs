@@ -272,8 +272,16 @@ impl App {
                 base_url,
             } => self.sandbox(listen, data, base_url),
             Command::Audit {
-                command: AuditCommand::Verify { file, key_env },
-            } => self.audit_verify(&file, &key_env),
+                command:
+                    AuditCommand::Verify {
+                        file,
+                        key_env,
+                        checkpoints,
+                    },
+            } => self.audit_verify(&file, &key_env, checkpoints.as_deref()),
+            Command::Audit {
+                command: AuditCommand::Report(args),
+            } => self.audit_report(&args),
             Command::Health {
                 admin,
                 config,
@@ -379,11 +387,170 @@ impl App {
         ExitCode::SUCCESS
     }
 
-    fn audit_verify(&self, file: &Path, key_env: &str) -> ExitCode {
+    fn audit_report(&self, args: &ReportArgs) -> ExitCode {
+        use caregate_audit::report::{parse_time, sort_entries, Query, TEXT_HEADER};
         let name = &self.name;
-        let Ok(key) = std::env::var(key_env) else {
-            eprintln!("{name} audit verify: set {key_env} to the audit HMAC key");
+        let keys = match verify_keys(&args.key_env) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("{name} audit report: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let bound = |flag: &str, value: &Option<String>, end_of_day: bool| {
+            value
+                .as_deref()
+                .map(|v| parse_time(v, end_of_day).map_err(|e| format!("{flag}: {e}")))
+                .transpose()
+        };
+        let (from, to) = match (
+            bound("--from", &args.from, false),
+            bound("--to", &args.to, true),
+        ) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("{name} audit report: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match &args.patient {
+            None if !args.break_glass => {
+                eprintln!(
+                    "{name} audit report: name the patient (--patient ID), or ask for the \
+                     break-the-glass review (--break-glass, of every patient or, with \
+                     --patient, of one)"
+                );
+                return ExitCode::from(2);
+            }
+            Some(p) if p.trim().is_empty() => {
+                eprintln!("{name} audit report: --patient: the patient id is empty");
+                return ExitCode::from(2);
+            }
+            _ => {}
+        }
+        if args.authority.is_some() && args.patient.is_none() {
+            eprintln!("{name} audit report: --authority needs --patient");
             return ExitCode::from(2);
+        }
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                eprintln!("{name} audit report: --from is after --to");
+                return ExitCode::from(2);
+            }
+        }
+        let query = Query {
+            patient: args.patient.clone().unwrap_or_default(),
+            authority: args.authority.clone(),
+            from,
+            to,
+            break_glass: args.break_glass,
+        };
+        // The trails: PATH's own (the active file and its segments), or every trail in the
+        // directory PATH — as `audit verify` finds them.
+        let trails: Vec<PathBuf> = if args.file.is_dir() {
+            let found = match caregate_audit::find_trails(&args.file) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("{name} audit report: {}: {e}", args.file.display());
+                    return ExitCode::from(2);
+                }
+            };
+            for skipped in &found.skipped {
+                eprintln!("note: {}: skipped: not an audit file", skipped.display());
+            }
+            if found.trails.is_empty() {
+                eprintln!(
+                    "{name} audit report: {}: no audit trail in this directory",
+                    args.file.display()
+                );
+                return ExitCode::from(2);
+            }
+            found.trails
+        } else {
+            vec![args.file.clone()]
+        };
+        // Every trail must verify before anything is printed.
+        let mut entries = Vec::new();
+        let mut notes = Vec::new();
+        for trail in &trails {
+            let files = caregate_audit::chain_files(trail);
+            if files.is_empty() {
+                eprintln!(
+                    "{name} audit report: {}: no such file (nor rotated segments of it)",
+                    trail.display()
+                );
+                return ExitCode::from(2);
+            }
+            match caregate_audit::report::report_verified_keys(&files, &keys, &query) {
+                Ok(r) => {
+                    entries.extend(r.entries);
+                    for v in &r.verified {
+                        for w in &v.warnings {
+                            notes.push(format!("note: {}: {w}", v.file.display()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{name} audit report: REFUSED: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        sort_entries(&mut entries);
+        for n in &notes {
+            eprintln!("{n}");
+        }
+        let none = format!(
+            "{} in the verified trail{}",
+            match (&args.patient, args.break_glass) {
+                (Some(p), false) => format!("no access to patient {p:?}"),
+                (Some(p), true) => format!("no break-the-glass access to patient {p:?}"),
+                (None, _) => "no break-the-glass access".to_string(),
+            },
+            match (&args.from, &args.to) {
+                (None, None) => String::new(),
+                (f, t) => format!(
+                    " from {} to {}",
+                    f.as_deref().unwrap_or("the start"),
+                    t.as_deref().unwrap_or("the end")
+                ),
+            }
+        );
+        if args.format == "json" {
+            match serde_json::to_string_pretty(&entries) {
+                Ok(j) => println!("{j}"),
+                Err(e) => {
+                    eprintln!("{name} audit report: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            if entries.is_empty() {
+                eprintln!("{none}");
+            }
+        } else if entries.is_empty() {
+            println!("{none}");
+        } else {
+            println!("{TEXT_HEADER}");
+            for e in &entries {
+                println!("{}", e.text_line());
+            }
+        }
+        ExitCode::SUCCESS
+    }
+
+    fn audit_verify(
+        &self,
+        file: &Path,
+        key_env: &[String],
+        checkpoints: Option<&Path>,
+    ) -> ExitCode {
+        let name = &self.name;
+        let keys = match verify_keys(key_env) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("{name} audit verify: {e}");
+                return ExitCode::from(2);
+            }
         };
         // The trails to verify: PATH's own (the active file and its rotated and handed-over
         // segments), or every trail in the directory PATH.
@@ -409,6 +576,14 @@ impl App {
         } else {
             vec![file.to_path_buf()]
         };
+        if checkpoints.is_some() && trails.len() > 1 {
+            eprintln!(
+                "{name} audit verify: {}: --checkpoints checks one trail, and this directory holds {}",
+                file.display(),
+                trails.len()
+            );
+            return ExitCode::from(2);
+        }
         let seq = |s: Option<u64>| s.map_or_else(|| "-".to_string(), |s| s.to_string());
         let mut failed = false;
         for trail in &trails {
@@ -420,7 +595,12 @@ impl App {
                 );
                 return ExitCode::from(2);
             }
-            let reports = match caregate_audit::verify_files(&files, key.as_bytes()) {
+            let verified = match checkpoints {
+                Some(copies) => caregate_audit::verify_checkpoints(&files, &keys, copies)
+                    .map(|(r, c)| (r, Some(c))),
+                None => caregate_audit::verify_files_keys(&files, &keys).map(|r| (r, None)),
+            };
+            let (reports, copies) = match verified {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("{name} audit verify: FAILED: {e}");
@@ -455,7 +635,20 @@ impl App {
                         h.seq, h.late_records
                     ));
                 }
+                if !r.key_ids.is_empty() {
+                    line.push_str(&format!(", keys {}", r.key_ids.join(" then ")));
+                }
                 println!("{line}");
+            }
+            if let Some(c) = &copies {
+                println!(
+                    "{}: ok — {} off-host checkpoint copies match the trail",
+                    c.file.display(),
+                    c.matched
+                );
+                for w in &c.warnings {
+                    println!("note: {w}");
+                }
             }
             for r in &reports {
                 for w in &r.warnings {
@@ -777,10 +970,96 @@ enum AuditCommand {
     Verify {
         #[arg(value_name = "PATH")]
         file: PathBuf,
-        /// The environment variable holding the chain's HMAC key (never pass it as an argument).
-        #[arg(long, default_value = "CAREGATE_AUDIT_KEY")]
-        key_env: String,
+        /// An environment variable holding one of the chain's HMAC keys (never pass a key as an
+        /// argument): VAR, or ID=VAR to give the key's id. Repeat it for a trail written across
+        /// a key rotation: every key the trail used must be given. Default: the key in
+        /// CAREGATE_AUDIT_KEY and the ID=KEY pairs (separated by white space) in
+        /// CAREGATE_AUDIT_KEYS, whichever are set.
+        #[arg(long, value_name = "VAR|ID=VAR")]
+        key_env: Vec<String>,
+        /// A file of checkpoint copies kept off the host (`audit.offhost_checkpoints`): every
+        /// copy must match the trail's checkpoint of the same seq, so a trail rewritten with
+        /// the key, or cut back, fails. PATH must name one trail.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
     },
+    /// List every access to one patient's data, for a privacy officer: who, when, what, outcome
+    /// (and the emergency access used, if any). With --break-glass: the next-day review of
+    /// emergency access, every request that used break-the-glass (of one patient with
+    /// --patient). The trail is verified first, as `audit verify` does (PATH is the active audit
+    /// file, with its segments, or a directory); a trail that does not verify is refused and
+    /// nothing is listed. Exit 0 with the accesses (possibly none, saying so), 1 when the trail
+    /// does not verify or cannot be read, 2 for usage errors.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    #[arg(value_name = "PATH")]
+    file: PathBuf,
+    /// The patient: a FHIR Patient id, or an HL7 v2 patient identifier (PID-3). Required
+    /// unless --break-glass is given.
+    #[arg(long)]
+    patient: Option<String>,
+    /// Only the requests that used emergency access (break-the-glass): of every patient, or of
+    /// the --patient.
+    #[arg(long)]
+    break_glass: bool,
+    /// HL7 v2 only: match PID-3 identifiers of this assigning authority only.
+    #[arg(long)]
+    authority: Option<String>,
+    /// From this time on: RFC 3339 (2024-05-01T08:00:00Z) or a date (2024-05-01, from its
+    /// start, UTC).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Up to this time, inclusive: RFC 3339, or a date (to its end, UTC).
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// `text`: a header line, then one tab-separated line per access; `json`: an array.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
+    /// The environment variables holding the chain's HMAC keys, as for `audit verify` (never
+    /// pass a key as an argument): VAR, or ID=VAR after a key rotation; by default
+    /// CAREGATE_AUDIT_KEY and the ID=KEY pairs of CAREGATE_AUDIT_KEYS.
+    #[arg(long, value_name = "VAR|ID=VAR")]
+    key_env: Vec<String>,
+}
+
+/// The keys of `audit verify`: each `--key-env` (VAR or ID=VAR), or by default
+/// `CAREGATE_AUDIT_KEY` and the ID=KEY pairs of `CAREGATE_AUDIT_KEYS`, whichever are set.
+fn verify_keys(key_env: &[String]) -> Result<caregate_audit::AuditKeys, String> {
+    let mut keys = caregate_audit::AuditKeys::new();
+    if key_env.is_empty() {
+        if let Ok(k) = std::env::var("CAREGATE_AUDIT_KEY") {
+            keys.add(None, k);
+        }
+        if let Ok(pairs) = std::env::var("CAREGATE_AUDIT_KEYS") {
+            let more = caregate_audit::AuditKeys::parse_pairs(&pairs)
+                .map_err(|e| format!("CAREGATE_AUDIT_KEYS: {e}"))?;
+            if more.is_empty() {
+                return Err("CAREGATE_AUDIT_KEYS: no ID=KEY pair in it".into());
+            }
+            keys.extend(more);
+        }
+        if keys.is_empty() {
+            return Err(
+                "set CAREGATE_AUDIT_KEY to the audit HMAC key (or CAREGATE_AUDIT_KEYS to ID=KEY pairs after a key rotation)"
+                    .into(),
+            );
+        }
+        return Ok(keys);
+    }
+    for spec in key_env {
+        let (id, var) = match spec.split_once('=') {
+            Some((id, var)) => (Some(id), var),
+            None => (None, spec.as_str()),
+        };
+        let Ok(k) = std::env::var(var) else {
+            return Err(format!("set {var} to the audit HMAC key"));
+        };
+        keys.add(id, k);
+    }
+    Ok(keys)
 }
 
 fn init_logging() {

@@ -53,6 +53,12 @@ pub struct Config {
     /// The error log's level and format (reloadable).
     #[serde(default)]
     pub log: crate::logging::LogSettings,
+    /// HL7 v2: MLLP listeners, known sending facilities, message routes (`docs/hl7.md`).
+    #[serde(default)]
+    pub hl7: crate::hl7gw::config::Hl7Config,
+    /// The unusual-access monitor over the audit records (`docs/observability.md`).
+    #[serde(default)]
+    pub unusual_access: crate::anomaly::UnusualAccessConfig,
 }
 
 /// The resolver of backend names.
@@ -475,7 +481,13 @@ pub struct RouteConfig {
     /// `smart_scopes`, `patient_compartment`, `tenant`) may only run in `enforce` mode.
     #[serde(default)]
     pub phi: bool,
+    /// The pool requests go to; not used on an `hl7: true` route.
+    #[serde(default)]
     pub pool: String,
+    /// HL7 v2 ingestion: each POST body is one HL7 v2 message, run through the `hl7.routes`
+    /// whose `http_route` names this route and answered with its acknowledgement.
+    #[serde(default)]
+    pub hl7: bool,
     /// Replace `path_prefix` by this prefix upstream (e.g. `/v1/fhir` -> `/fhir`).
     #[serde(default)]
     pub upstream_prefix: Option<String>,
@@ -487,6 +499,10 @@ pub struct RouteConfig {
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
+    /// What the backends speak: `http` (default) or `mllp` (HL7 v2 over TCP; health-checked
+    /// by a TCP connect).
+    #[serde(default)]
+    pub protocol: PoolProtocol,
     /// Zones in priority order: traffic goes to the first zone with a healthy backend.
     pub zones: Vec<ZoneConfig>,
     #[serde(default)]
@@ -509,6 +525,15 @@ pub struct PoolConfig {
     /// How many retries the pool's requests may cause.
     #[serde(default)]
     pub retry_budget: RetryBudgetConfig,
+}
+
+/// `pools[].protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolProtocol {
+    #[default]
+    Http,
+    Mllp,
 }
 
 /// `pools[].outlier_detection`.
@@ -1176,6 +1201,8 @@ pub fn validate_with(
     if let Some(a) = &c.audit {
         a.validate().map_err(ConfigError)?;
     }
+    crate::hl7gw::config::validate(c, base_dir).map_err(ConfigError)?;
+    c.unusual_access.validate().map_err(ConfigError)?;
     if let Some(o) = &c.otlp {
         o.validate().map_err(ConfigError)?;
     }
@@ -1201,8 +1228,30 @@ pub fn validate_with(
         if !listeners.contains(r.listener.as_str()) {
             return err(format!("{at}.listener: no listener named `{}`", r.listener));
         }
-        if !pools.contains(r.pool.as_str()) {
+        if r.hl7 {
+            if !r.pool.is_empty() {
+                return err(format!(
+                    "{at}.pool: an `hl7: true` route sends each message where its `hl7.routes` say; remove `pool`"
+                ));
+            }
+            if r.fhir {
+                return err(format!(
+                    "{at}.hl7: a route is either `fhir: true` or `hl7: true`"
+                ));
+            }
+        } else if r.pool.is_empty() {
+            return err(format!("{at}.pool: required"));
+        } else if !pools.contains(r.pool.as_str()) {
             return err(format!("{at}.pool: no pool named `{}`", r.pool));
+        } else if c
+            .pools
+            .iter()
+            .any(|p| p.name == r.pool && p.protocol == PoolProtocol::Mllp)
+        {
+            return err(format!(
+                "{at}.pool: `{}` is an MLLP pool; HTTP routes need an HTTP pool",
+                r.pool
+            ));
         }
         match crate::hygiene::normalize_path(&r.path_prefix) {
             Ok(n)
@@ -1404,6 +1453,17 @@ pub fn listen_addresses(c: &Config) -> Vec<ListenAddress> {
         who: format!("sandboxes[{i}] ({})", s.name),
         addr: s.listen,
     }));
+    out.extend(
+        c.hl7
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ListenAddress {
+                place: format!("hl7.listeners[{i}].listen"),
+                who: format!("hl7.listeners[{i}] ({})", l.name),
+                addr: l.listen,
+            }),
+    );
     out
 }
 

@@ -218,8 +218,13 @@ impl Gateway {
             return self.send_reply(session, ctx, reply).await;
         }
 
-        // 6. The response, whole.
+        // 6. The response, whole (scanned for the patients it holds, for the completion record).
         let body = out.unwrap_or_default();
+        if ctx.audited_access && ctx.req.fhir_route && crate::proxy::identity_encoded(&resp) {
+            let mut scanner = caregate_fhir::PatientScanner::new();
+            scanner.feed(&body);
+            ctx.body_patients = Some(scanner);
+        }
         let status = resp.status.as_u16();
         let head = session.req_header().method == http::Method::HEAD;
         resp.remove_header(&header::TRANSFER_ENCODING);

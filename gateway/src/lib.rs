@@ -22,6 +22,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod anomaly;
 pub mod cli;
 pub mod config;
 pub mod confinement;
@@ -29,6 +30,7 @@ pub mod conn_guard;
 pub mod dns;
 pub mod errors;
 pub mod exchange;
+pub mod hl7gw;
 pub mod hygiene;
 pub mod lifecycle;
 pub mod logging;

@@ -100,6 +100,16 @@ pub static AUDIT_RECORDS: Lazy<IntCounterVec> = Lazy::new(|| {
 });
 
 #[allow(clippy::expect_used)]
+pub static AUDIT_CHECKPOINT_EXPORTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_audit_checkpoint_exports_total",
+        "Audit checkpoints copied off the host (audit.offhost_checkpoints), by result (ok, error).",
+        &["result"]
+    )
+    .expect("register caregate_audit_checkpoint_exports_total")
+});
+
+#[allow(clippy::expect_used)]
 pub static AUDIT_QUEUE_DEPTH: Lazy<prometheus::IntGauge> = Lazy::new(|| {
     prometheus::register_int_gauge!(
         "caregate_audit_queue_depth",
@@ -211,6 +221,12 @@ pub fn init() {
     crate::conn_guard::init();
     Lazy::force(&RESPONSE_BODY_BYTES);
     crate::outlier::init_metrics();
+    Lazy::force(&BREAK_GLASS);
+    Lazy::force(&BREAK_GLASS_REFUSED);
+    Lazy::force(&crate::hl7gw::engine::MESSAGES);
+    Lazy::force(&crate::hl7gw::engine::DURATION);
+    Lazy::force(&crate::hl7gw::service::CONNECTIONS);
+    Lazy::force(&crate::hl7gw::service::REFUSED);
     CONFIG_GENERATION.set(1);
     let features = if cfg!(feature = "otlp") { "otlp" } else { "" };
     BUILD_INFO
@@ -220,10 +236,33 @@ pub fn init() {
     // crate's `process` feature registers them in the default registry by itself.
 }
 
+#[allow(clippy::expect_used)]
+pub static BREAK_GLASS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_break_glass_total",
+        "Requests that used emergency access (break-the-glass), by route and purpose of use (a configured code).",
+        &["route", "purpose"]
+    )
+    .expect("register caregate_break_glass_total")
+});
+
+#[allow(clippy::expect_used)]
+pub static BREAK_GLASS_REFUSED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_break_glass_refused_total",
+        "Claims of emergency access refused, by route and reason (not_entitled, patient_context, purpose_not_accepted, bad_header).",
+        &["route", "reason"]
+    )
+    .expect("register caregate_break_glass_refused_total")
+});
+
 /// The audit metrics, registered only when an audit sink is configured.
 pub fn init_audit() {
     Lazy::force(&AUDIT_RECORDS);
     Lazy::force(&AUDIT_QUEUE_DEPTH);
+    for result in ["ok", "error"] {
+        AUDIT_CHECKPOINT_EXPORTS.with_label_values(&[result]);
+    }
     AUDIT_SINK_HEALTHY.set(1);
 }
 

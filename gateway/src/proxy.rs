@@ -47,6 +47,10 @@ pub struct Gateway {
     pub exchange_memory: crate::exchange::MemoryBudget,
     /// The minimum rate of request bodies (`server.connections`).
     pub body_rate: crate::conn_guard::BodyRate,
+    /// The HL7 v2 engine of `hl7: true` routes.
+    pub hl7: Arc<crate::hl7gw::Engine>,
+    /// The unusual-access monitor over the audit records (with an audit trail only).
+    pub anomaly: Option<Arc<crate::anomaly::Monitor>>,
 }
 
 /// Per-request state of the gateway (the filters' part is `req`).
@@ -75,6 +79,9 @@ pub struct Ctx {
     pub(crate) phi: bool,
     /// The durable access record was written (a completion record follows in logging).
     pub(crate) audited_access: bool,
+    /// The patients of an audited FHIR response, found as its body passes (for the completion
+    /// record).
+    pub(crate) body_patients: Option<caregate_fhir::PatientScanner>,
     /// The reason code of a failed exchange (upstream error, timeout, ...).
     pub(crate) error_reason: Option<&'static str>,
     /// Time to the upstream response header, for the access log.
@@ -190,6 +197,11 @@ impl Gateway {
             ReplyBody::Json(b) => {
                 resp.insert_header(header::CONTENT_TYPE, "application/json")?;
                 b
+            }
+            ReplyBody::Other(typed) => {
+                resp.insert_header(header::CONTENT_TYPE, typed.content_type)?;
+                resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                typed.body
             }
         };
         for (name, value) in reply.headers {
@@ -571,6 +583,15 @@ impl Gateway {
     }
 }
 
+/// Whether a response body is sent as it is (no `Content-Encoding` but `identity`): only then
+/// can the gateway read the patients in it.
+pub(crate) fn identity_encoded(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"))
+}
+
 /// The resource type, id and interaction of a FHIR request path below the route prefix, as far
 /// as the path alone tells (full FHIR classification refines this).
 fn fhir_shape(method: &str, rest: &str) -> (Option<String>, Option<String>, Option<String>) {
@@ -592,7 +613,8 @@ fn fhir_shape(method: &str, rest: &str) -> (Option<String>, Option<String>, Opti
     let interaction = match (method, ty.is_some(), id.is_some()) {
         _ if op => "operation",
         (_, _, _) if segs.get(1) == Some(&"_search") => "search-type",
-        (_, _, _) if segs.get(2) == Some(&"_history") => "vread",
+        (_, _, _) if segs.get(2) == Some(&"_history") && segs.get(3).is_some() => "vread",
+        (_, _, _) if segs.get(2) == Some(&"_history") => "history-instance",
         ("GET" | "HEAD", true, true) => "read",
         ("GET" | "HEAD", true, false) => "search-type",
         ("GET" | "HEAD", false, _) => "search-system",
@@ -607,6 +629,69 @@ fn fhir_shape(method: &str, rest: &str) -> (Option<String>, Option<String>, Opti
 }
 
 impl Gateway {
+    /// An `hl7: true` route: the body is one HL7 v2 message, handled like one from an MLLP
+    /// listener; the answer is its acknowledgement (the status says how it went, see
+    /// [`crate::hl7gw::Outcome::http_status`]).
+    async fn hl7_ingest(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let max = caregate_hl7::mllp::DEFAULT_MAX_FRAME;
+        let mut body = Vec::new();
+        let mut too_large = false;
+        while let Some(chunk) = session.read_request_body().await? {
+            if let Some(reply) = self.body_too_slow(chunk.len(), ctx) {
+                return self.send_reply(session, ctx, reply).await;
+            }
+            if body.len() + chunk.len() > max {
+                too_large = true;
+                session.set_keepalive(None);
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let principal = ctx.req.facts.get::<Principal>();
+        let caller = principal.map(|p| (p.subject.clone(), p.client_id.clone()));
+        let cert = ctx.req.facts.get::<PeerCertificate>().cloned();
+        let route_name = ctx
+            .route
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| Arc::from(""));
+        let origin = crate::hl7gw::Origin {
+            source: &route_name,
+            mllp: false,
+            channel: self.channel,
+            peer: ctx.req.client_addr,
+            cert: cert.as_ref(),
+            caller,
+            request_id: ctx.req.request_id.clone(),
+            in_flight: None,
+        };
+        let handled = if too_large {
+            crate::hl7gw::Engine::unreadable(
+                &origin,
+                &format!("message larger than {max} bytes (not delivered)"),
+            )
+        } else {
+            let mut ups = crate::hl7gw::Upstreams::default();
+            self.hl7.handle(&origin, &body, &mut ups).await
+        };
+        let status = if too_large {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::from_u16(handled.outcome.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
+        };
+        let reply = LocalReply {
+            status,
+            reason: handled.outcome.label(),
+            detail: std::borrow::Cow::Borrowed(""),
+            headers: Vec::new(),
+            body: ReplyBody::Other(Box::new(caregate_filters::TypedBody {
+                content_type: crate::hl7gw::MEDIA_TYPE,
+                body: Bytes::from(handled.ack),
+            })),
+        };
+        self.send_reply(session, ctx, reply).await
+    }
+
     /// The request as it goes upstream: the session's request as the filters left it, mapped
     /// to the route's upstream prefix, with the verified identity, trace and forwarding headers,
     /// then the filters' upstream request hooks.
@@ -766,12 +851,69 @@ impl Gateway {
                 .unwrap_or(&ctx.req.path),
             _ => &ctx.req.path,
         };
-        let (resource_type, resource_id, interaction) = fhir_shape(&ctx.req.method, rest);
-        let patient = principal.and_then(|p| p.patient.clone()).or_else(|| {
-            (resource_type.as_deref() == Some("Patient"))
-                .then(|| resource_id.clone())
-                .flatten()
-        });
+        // A FHIR request: everything from the gateway's classification (the path alone cannot
+        // tell a history from a vread, or a compartment search from a read); other routes: the
+        // path's shape.
+        let class = ctx.req.facts.get::<caregate_fhir::FhirRequest>();
+        let (resource_type, resource_id, interaction) = match class {
+            Some(c) => (
+                c.resource_type.clone(),
+                c.id.clone(),
+                Some(c.interaction.as_str().to_string()),
+            ),
+            None => fhir_shape(&ctx.req.method, rest),
+        };
+        let mut patients: Vec<String> = principal
+            .and_then(|p| p.patient.clone())
+            .into_iter()
+            .collect();
+        let mut patients_more = 0usize;
+        match class {
+            Some(c) => {
+                let (named, more) = caregate_fhir::named_patients(c);
+                patients_more = more;
+                for id in named {
+                    if !patients.contains(&id) {
+                        patients.push(id);
+                    }
+                }
+            }
+            None => {
+                if let (Some("Patient"), Some(id)) = (resource_type.as_deref(), &resource_id) {
+                    if !patients.contains(id) {
+                        patients.push(id.clone());
+                    }
+                }
+            }
+        }
+        // The completion record adds the patients the response held.
+        if phase == caregate_audit::Phase::Completion {
+            if let Some(scanner) = &ctx.body_patients {
+                let (found, more) = scanner.patients();
+                patients_more += more as usize;
+                for id in found {
+                    if !patients.contains(id) {
+                        patients.push(id.clone());
+                    }
+                }
+            }
+        }
+        if patients.len() > caregate_fhir::MAX_NAMED_PATIENTS {
+            patients_more += patients.len() - caregate_fhir::MAX_NAMED_PATIENTS;
+            patients.truncate(caregate_fhir::MAX_NAMED_PATIENTS);
+        }
+        let patient = patients.first().cloned();
+        let compartment = class
+            .and_then(|c| c.compartment.as_ref())
+            .map(|(t, id)| format!("{t}/{id}"));
+        let mut search_params: Vec<String> = Vec::new();
+        if let Some(c) = class {
+            for p in &c.params {
+                if !search_params.contains(&p.name) {
+                    search_params.push(p.name.clone());
+                }
+            }
+        }
         let pool = ctx.pool.and_then(|p| ctx.gen.pools.get(p));
         AuditRecord {
             time: String::new(),
@@ -802,6 +944,10 @@ impl Gateway {
                 resource_type,
                 resource_id,
                 patient,
+                patients,
+                patients_more: (patients_more > 0).then_some(patients_more as u64),
+                compartment,
+                search_params,
             },
             outcome: Outcome {
                 status,
@@ -817,6 +963,22 @@ impl Gateway {
                     .map(|z| z.name.to_string()),
             }),
             config: None,
+            hl7: None,
+            anomaly: None,
+            break_glass: ctx
+                .req
+                .facts
+                .get::<caregate_filters::identity::BreakGlass>()
+                .map(|bg| caregate_audit::BreakGlassUse {
+                    purpose: bg.purpose.clone(),
+                    reason: bg.reason.clone(),
+                    overrode: bg
+                        .overridden()
+                        .iter()
+                        .map(|o| o.as_str().to_string())
+                        .collect(),
+                    from_grant: bg.from_grant,
+                }),
         }
     }
 
@@ -972,6 +1134,7 @@ impl ProxyHttp for Gateway {
             trace: None,
             phi: false,
             audited_access: false,
+            body_patients: None,
             error_reason: None,
             upstream_ms: None,
             bulkhead: None,
@@ -1005,18 +1168,25 @@ impl ProxyHttp for Gateway {
             self.send_reply(session, ctx, reply).await?;
             return Ok(true);
         }
+        if route.hl7 {
+            // The message's own audit records replace the HTTP access record.
+            self.hl7_ingest(session, ctx).await?;
+            return Ok(true);
+        }
         // PHI: the access record is durable before anything goes upstream, so before any PHI
         // response header can be released. If the sink cannot take it, fail closed.
         if ctx.phi {
             if let Some(sink) = &self.audit {
                 let rec =
                     self.audit_record(session, ctx, caregate_audit::Phase::Access, None, None);
+                let found = crate::anomaly::observe(self.anomaly.as_deref(), &ctx.gen, &rec);
                 match sink.append_durable(rec).await {
                     Ok(_) => {
                         metrics::AUDIT_RECORDS
                             .with_label_values(&["access", "ok"])
                             .inc();
                         ctx.audited_access = true;
+                        crate::anomaly::append(sink, found);
                     }
                     Err(e) => {
                         metrics::AUDIT_RECORDS
@@ -1169,6 +1339,9 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
+        if ctx.audited_access && ctx.req.fhir_route && identity_encoded(upstream_response) {
+            ctx.body_patients = Some(caregate_fhir::PatientScanner::new());
+        }
         if let Some(route) = ctx.route.clone() {
             let verdict =
                 Chain::new(&route.filters, &MetricsSink).response(upstream_response, &mut ctx.req);
@@ -1208,6 +1381,10 @@ impl ProxyHttp for Gateway {
                     format!("response body refused ({})", reply.reason),
                 );
             }
+        }
+        // What the client gets (after the filters), scanned for the patients it holds.
+        if let (Some(scanner), Some(b)) = (&mut ctx.body_patients, body.as_ref()) {
+            scanner.feed(b);
         }
         Ok(None)
     }
@@ -1293,6 +1470,24 @@ impl ProxyHttp for Gateway {
         }
         if let Some(route) = ctx.route.clone() {
             Chain::new(&route.filters, &MetricsSink).logging(&ctx.req);
+            if let Some(bg) = ctx
+                .req
+                .facts
+                .get::<caregate_filters::identity::BreakGlass>()
+            {
+                metrics::BREAK_GLASS
+                    .with_label_values(&[&*route.name, bg.purpose.as_str()])
+                    .inc();
+            }
+            if let Some(r) = ctx
+                .req
+                .facts
+                .get::<caregate_filters::identity::BreakGlassRefused>()
+            {
+                metrics::BREAK_GLASS_REFUSED
+                    .with_label_values(&[&*route.name, r.reason])
+                    .inc();
+            }
         }
         if ctx.phi {
             if let Some(sink) = &self.audit {
@@ -1306,7 +1501,9 @@ impl ProxyHttp for Gateway {
                 };
                 if let Some(phase) = phase {
                     let rec = self.audit_record(session, ctx, phase, Some(status), reason);
+                    let found = crate::anomaly::observe(self.anomaly.as_deref(), &ctx.gen, &rec);
                     let result = if sink.append(rec).is_ok() {
+                        crate::anomaly::append(sink, found);
                         "ok"
                     } else {
                         "error"

@@ -136,9 +136,13 @@ impl Generation {
                 if r.listener != l.name {
                     continue;
                 }
-                let pool = *pool_index
-                    .get(r.pool.as_str())
-                    .ok_or_else(|| format!("route {}: unknown pool", r.name))?;
+                let pool = if r.hl7 {
+                    usize::MAX
+                } else {
+                    *pool_index
+                        .get(r.pool.as_str())
+                        .ok_or_else(|| format!("route {}: unknown pool", r.name))?
+                };
                 routes.push(Arc::new(Route {
                     name: Arc::from(r.name.as_str()),
                     hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
@@ -147,6 +151,7 @@ impl Generation {
                     fhir: r.fhir,
                     phi: r.phi,
                     pool,
+                    hl7: r.hl7,
                     upstream_prefix: r.upstream_prefix.clone(),
                     filters: listener_filters
                         .iter()
@@ -285,6 +290,14 @@ pub fn fixed_changes(old: &Config, new: &Config, retry_cap: usize) -> Vec<String
     }
     if differs(&old.sandboxes, &new.sandboxes) {
         out.push("sandboxes: built-in sandboxes are fixed at start".to_string());
+    }
+    // The MLLP listeners are services of their own, bound at start (their routes, facilities
+    // and allowlists are reloadable).
+    if differs(&old.hl7.listeners, &new.hl7.listeners) {
+        out.push(
+            "hl7.listeners: MLLP listeners are fixed at start (hl7.routes and hl7.facilities may change)"
+                .to_string(),
+        );
     }
     for (i, p) in new.pools.iter().enumerate() {
         if p.max_attempts > retry_cap {

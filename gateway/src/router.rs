@@ -15,7 +15,10 @@ pub struct Route {
     pub fhir: bool,
     /// The route carries PHI: audited, tenant isolation enforced.
     pub phi: bool,
+    /// Index of the route's pool in its generation (none for an `hl7: true` route).
     pub pool: usize,
+    /// HL7 v2 ingestion: the gateway answers each POST with the message's acknowledgement.
+    pub hl7: bool,
     pub upstream_prefix: Option<String>,
     pub filters: Vec<Arc<dyn Filter>>,
 }
@@ -198,6 +201,7 @@ mod tests {
             fhir: false,
             phi: false,
             pool: 0,
+            hl7: false,
             upstream_prefix: None,
             filters: vec![],
         })

@@ -78,9 +78,19 @@ struct AuditMonitor(Arc<caregate_audit::AuditSink>);
 impl pingora::services::background::BackgroundService for AuditMonitor {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        let (mut exported, mut failed) = (0u64, 0u64);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // The sink's counts of off-host checkpoint copies, as counter increments.
+                    let (e, f) = (self.0.checkpoints_exported(), self.0.checkpoint_export_failures());
+                    crate::metrics::AUDIT_CHECKPOINT_EXPORTS
+                        .with_label_values(&["ok"])
+                        .inc_by(e.saturating_sub(exported));
+                    crate::metrics::AUDIT_CHECKPOINT_EXPORTS
+                        .with_label_values(&["error"])
+                        .inc_by(f.saturating_sub(failed));
+                    (exported, failed) = (e.max(exported), f.max(failed));
                     crate::metrics::AUDIT_QUEUE_DEPTH.set(self.0.queue_depth() as i64);
                     crate::metrics::AUDIT_SINK_HEALTHY.set(i64::from(self.0.healthy()));
                 }
@@ -149,6 +159,7 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
             let mut a = a.clone();
             a.path = loaded.resolve(&a.path);
             crate::metrics::init_audit();
+            crate::anomaly::init_metrics();
             // On an upgrade the old process still writes the trail: this one continues it in a
             // new segment once the old one hands it over (at its SIGQUIT).
             let sink = if upgrade {
@@ -250,6 +261,38 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
         audit.clone(),
     ));
 
+    // HL7 v2: one engine for the MLLP listeners and the `hl7: true` routes.
+    // One unusual-access monitor for the process (its counts span listeners and reloads).
+    let anomaly = audit
+        .as_ref()
+        .map(|_| Arc::new(crate::anomaly::Monitor::new(&cfg.unusual_access)));
+    let hl7 = Arc::new(crate::hl7gw::Engine::new(
+        live.clone(),
+        audit.clone(),
+        anomaly.clone(),
+        Some(pingora::connectors::ConnectorOptions::from_server_conf(
+            &server.configuration,
+        )),
+    ));
+    let mut hl7_services = Vec::new();
+    for (i, l) in cfg.hl7.listeners.iter().enumerate() {
+        let app = crate::hl7gw::service::MllpApp::new(l, hl7.clone());
+        let mut svc = Service::new(format!("hl7 {}", l.name), app);
+        let addr = l.listen.to_string();
+        match &l.tls {
+            Some(t) => {
+                let mut t = t.clone();
+                // MLLP over TLS: no ALPN.
+                t.h2 = false;
+                let tls =
+                    tls_settings(&base, &t, &format!("hl7.listeners[{i}] ({})", l.name), None)?;
+                svc.add_tls_with_settings(&addr, None, tls);
+            }
+            None => svc.add_tcp(&addr),
+        }
+        hl7_services.push(svc);
+    }
+
     let health = server.add_service(background_service(
         "upstream health",
         HealthService {
@@ -322,6 +365,8 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
                 min_rate: conns.body_min_rate_bytes_per_second,
                 grace: std::time::Duration::from_secs(conns.body_grace_seconds),
             },
+            hl7: hl7.clone(),
+            anomaly: anomaly.clone(),
         };
         // Present (0) from the first scrape, so that rates and alerts see every listener.
         crate::metrics::LISTENER_CONNECTIONS.with_label_values(&[l.name.as_str()]);
@@ -341,6 +386,10 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
             endpoint = endpoint.tls(t);
         }
         svc.add_listener(endpoint);
+        server.add_service(svc);
+    }
+
+    for svc in hl7_services {
         server.add_service(svc);
     }
 

@@ -17,7 +17,7 @@ use crate::metrics;
 use crate::tls_identity::{read_key, read_pem_certs};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
@@ -234,6 +234,24 @@ fn build_pool(loaded: &Loaded, pc: &PoolConfig, dns: &Arc<Dns>) -> Result<Pool, 
         )));
         let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
 
+        if pc.protocol == crate::config::PoolProtocol::Mllp {
+            // MLLP has no health request: a backend is healthy while it accepts TCP
+            // connections. (Pingora's TLS probe cannot present a client certificate, so a
+            // backend that requires one is probed by connect only, TLS or not.)
+            let mut hc = TcpHealthCheck::new();
+            hc.consecutive_success = hc_conf.consecutive_success;
+            hc.consecutive_failure = hc_conf.consecutive_failure;
+            let timeout = Duration::from_millis(hc_conf.timeout_ms);
+            hc.peer_template.options.connection_timeout = Some(timeout);
+            hc.peer_template.options.total_connection_timeout = Some(timeout);
+            lb.set_health_check(hc);
+            zones.push(Zone {
+                name: Arc::from(zc.name.as_str()),
+                lb: Arc::new(lb),
+                labels: std::sync::Mutex::new(BTreeSet::new()),
+            });
+            continue;
+        }
         let mut hc = HttpHealthCheck::new(&hc_conf.host, tls.is_some());
         hc.consecutive_success = hc_conf.consecutive_success;
         hc.consecutive_failure = hc_conf.consecutive_failure;

@@ -254,6 +254,24 @@ impl Gateway {
     pub fn metrics(&self) -> String {
         request(self.admin, "GET", "/metrics", &[], b"").text()
     }
+
+    /// Send SIGTERM and wait (20 s at most) for the process to exit: its drain ends, the audit
+    /// trail is sealed.
+    pub fn sigterm_and_wait(&mut self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.proc.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
 }
 
 /// Every socket address given as `listen: "..."` (or unquoted) in a config text.
@@ -1078,5 +1096,40 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Start a peer that prints `listening HOST:PORT` on its first stdout line once bound (the
+/// project's `mllp-responder`, the hl7apy backend), its stderr going to `stderr`, and wait for
+/// that line (30 s at most). Panics with the peer's stderr when it does not come.
+pub fn spawn_listening(mut cmd: Command, what: &str, stderr: &Path) -> (Child, SocketAddr) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let parsed = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    match parsed {
+        Some(addr) => (child, addr),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not start ({line:?}): {}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
     }
 }

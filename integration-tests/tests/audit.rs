@@ -92,25 +92,6 @@ fn phi_get(p: std::net::SocketAddr, i: usize) -> u16 {
     .status
 }
 
-fn sigterm_and_wait(gw: &mut Gateway) {
-    let st = Command::new("kill")
-        .args(["-TERM", &gw.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(_)) = gw.proc.child.try_wait() {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gateway did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 #[test]
 fn every_phi_request_is_audited_and_the_chain_detects_tampering() {
     let backend = EchoServer::start("fhir");
@@ -166,11 +147,18 @@ fn every_phi_request_is_audited_and_the_chain_detects_tampering() {
         );
         assert_eq!(get(p, "/info/hours").status, 200);
     }
-    sigterm_and_wait(&mut gw);
+    gw.sigterm_and_wait();
 
     let recs = records(&audit);
+    // The unusual-access monitor (on by default) flags dr-b's attempts at another hospital's
+    // patient once: an `anomaly` record naming dr-b, no patient.
+    let anomalies: Vec<&Value> = recs.iter().filter(|r| r["phase"] == "anomaly").collect();
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    assert_eq!(anomalies[0]["actor"]["subject"], "dr-b");
+    assert_eq!(anomalies[0]["anomaly"]["kind"], "cross_tenant");
+    assert!(!anomalies[0].to_string().contains("p1"));
     let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
-    for r in &recs {
+    for r in recs.iter().filter(|r| r["phase"] != "anomaly") {
         by_id
             .entry(r["request_id"].as_str().unwrap().to_string())
             .or_default()
@@ -392,7 +380,7 @@ fn fhir_audit_events_follow_balp_and_validate_against_the_r4_schema() {
         .status,
         401
     );
-    sigterm_and_wait(&mut gw);
+    gw.sigterm_and_wait();
     let events = records(&audit);
     assert!(events.len() >= 5, "{events:?}");
     let docs = dir.0.join("events.ndjson");
@@ -506,7 +494,7 @@ fn a_second_gateway_on_the_same_audit_file_does_not_start() {
 
     // The first one is undisturbed, and its trail verifies.
     assert_eq!(phi_get(addr(public), 2), 200);
-    sigterm_and_wait(&mut gw);
+    gw.sigterm_and_wait();
     let (ok, out) = verify(&audit);
     assert!(ok, "{out}");
     assert_eq!(
@@ -530,7 +518,7 @@ fn audit_verify_walks_the_segments_of_a_trail_and_a_directory() {
     for i in 0..8 {
         assert_eq!(phi_get(addr(public), i), 200);
     }
-    sigterm_and_wait(&mut gw);
+    gw.sigterm_and_wait();
 
     let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&dir.0)
         .unwrap()
@@ -588,4 +576,381 @@ fn audit_verify_walks_the_segments_of_a_trail_and_a_directory() {
     let empty = TempDir::new("audit-empty");
     let (code, out) = verify_code(&empty.0);
     assert_eq!(code, Some(2), "{out}");
+}
+
+/// The record comes from the gateway's FHIR classification: history, `metadata`, compartment
+/// searches and operations carry their own interaction, and every patient a request names is
+/// recorded, whoever the caller (here a practitioner, with no patient context); search
+/// parameters by name, never by value.
+#[test]
+fn records_carry_the_classified_interaction_and_every_patient_the_request_names() {
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit-class");
+    let path = dir.0.join("audit.jsonl");
+    let (admin, public) = (free_port(), free_port());
+    let _gw = Gateway::start(&config(admin, public, &backend, &path, "json"), admin);
+    let p = addr(public);
+    let good = token("dr-a", "hospital-a");
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "h",
+            "/fhir/Patient/p1/_history",
+            "history-instance",
+            &["p1"],
+        ),
+        ("v", "/fhir/Patient/p1/_history/2", "vread", &["p1"]),
+        ("m", "/fhir/metadata", "capabilities", &[]),
+        (
+            "c",
+            "/fhir/Patient/p2/Observation?code=1234-5",
+            "search-compartment",
+            &["p2"],
+        ),
+        (
+            "e",
+            "/fhir/Patient/p3/$everything",
+            "operation-instance",
+            &["p3"],
+        ),
+        (
+            "s",
+            "/fhir/Observation?patient=p4&code=8867-4",
+            "search-type",
+            &["p4"],
+        ),
+        (
+            "t",
+            "/fhir/Observation?subject=Patient/p5,Patient/p6",
+            "search-type",
+            &["p5", "p6"],
+        ),
+        ("o", "/fhir/Observation/o1", "read", &[]),
+    ];
+    for (id, target, _, _) in cases {
+        let r = request(
+            p,
+            "GET",
+            target,
+            &[
+                ("Host", "a.example.org"),
+                ("Authorization", &format!("Bearer {good}")),
+                ("X-Request-Id", &format!("class-{id}")),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+    }
+    wait_until("the completion records", Duration::from_secs(10), || {
+        records(&path)
+            .iter()
+            .filter(|r| r["phase"] == "completion")
+            .count()
+            >= cases.len()
+    });
+    let all = records(&path);
+    for (id, target, interaction, patients) in cases {
+        let rid = format!("class-{id}");
+        let access = all
+            .iter()
+            .find(|r| r["request_id"] == rid.as_str() && r["phase"] == "access")
+            .unwrap_or_else(|| panic!("no access record for {target}"));
+        let a = &access["action"];
+        assert_eq!(a["interaction"], *interaction, "{target}: {access}");
+        let got: Vec<&str> = a["patients"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(got, *patients, "{target}: {access}");
+        assert_eq!(a["patient"].as_str(), patients.first().copied(), "{target}");
+        // Parameter names only: a value (a code, a patient's name) never reaches the trail.
+        let line = access.to_string();
+        assert!(
+            !line.contains("1234-5") && !line.contains("8867-4"),
+            "{line}"
+        );
+    }
+    let compartment = all
+        .iter()
+        .find(|r| r["request_id"] == "class-c" && r["phase"] == "access")
+        .unwrap();
+    assert_eq!(compartment["action"]["compartment"], "Patient/p2");
+    assert_eq!(compartment["action"]["search_params"], json!(["code"]));
+    let (ok, out) = verify(&path);
+    assert!(ok, "{out}");
+}
+
+/// Admin actions are audited: a refused admin token (never the token itself) and the sandbox's
+/// outage switch, each as an `admin` record in the same verified trail.
+#[test]
+fn admin_token_failures_and_outage_switches_are_audited() {
+    let dir = TempDir::new("audit-admin");
+    let path = dir.0.join("audit.jsonl");
+    let (admin, public, sb) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 2 }}
+admin: {{ listen: "127.0.0.1:{admin}", token: "admin-secret-token-0123456789" }}
+access_log: {{ enabled: false }}
+audit: {{ path: "{audit}", hmac_key: "{KEY}", checkpoint_interval_ms: 200 }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+sandboxes: [ {{ name: fhir, listen: "127.0.0.1:{sb}", data_dir: "@CONF@/demo/data" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: a, backends: [ {{ sandbox: fhir }} ] }} ] }} ]
+routes: [ {{ name: fhir, listener: public, path_prefix: /fhir, fhir: true, pool: fhir }} ]
+"#,
+        audit = path.display()
+    );
+    let gw = Gateway::start(&yaml, admin);
+    let wrong = request(
+        gw.admin,
+        "POST",
+        "/sandbox/fhir/outage",
+        &[("Authorization", "Bearer not-the-token")],
+        b"",
+    );
+    assert_eq!(wrong.status, 401);
+    let ok = request(
+        gw.admin,
+        "POST",
+        "/sandbox/fhir/outage",
+        &[("Authorization", "Bearer admin-secret-token-0123456789")],
+        b"",
+    );
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    wait_until("the admin records", Duration::from_secs(10), || {
+        records(&path)
+            .iter()
+            .filter(|r| r["phase"] == "admin")
+            .count()
+            >= 2
+    });
+    let admin_records: Vec<Value> = records(&path)
+        .into_iter()
+        .filter(|r| r["phase"] == "admin")
+        .collect();
+    let reasons: Vec<&str> = admin_records
+        .iter()
+        .filter_map(|r| r["outcome"]["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"admin_token_refused"),
+        "{admin_records:?}"
+    );
+    assert!(reasons.contains(&"sandbox_outage"), "{admin_records:?}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("not-the-token") && !text.contains("admin-secret-token"));
+    let (ok, out) = verify(&path);
+    assert!(ok, "{out}");
+}
+
+/// Key rotation and off-host checkpoints through the binary: a gateway writes with key `k1`,
+/// is restarted with key `k2` (the old one in `previous_keys`); `caregate audit verify` passes
+/// with both keys (`--key-env ID=VAR` repeated, or `CAREGATE_AUDIT_KEYS`), fails with either
+/// alone, and `--checkpoints` checks the trail against the off-host copies.
+#[test]
+fn audit_verify_takes_several_keys_and_off_host_checkpoints() {
+    const KEY_1: &str = "rotation-key-one-0123456789abcdef0123";
+    const KEY_2: &str = "rotation-key-two-0123456789abcdef0123";
+    let dir = TempDir::new("audit-keys");
+    let path = dir.0.join("trail").join("audit.jsonl");
+    let copies = dir.0.join("offhost").join("checkpoints.jsonl");
+    let run = |keys: &str, n: usize| {
+        let (admin, public, sb) = (free_port(), free_port(), free_port());
+        let yaml = format!(
+            r#"
+server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 2 }}
+admin: {{ listen: "127.0.0.1:{admin}", token: "admin-secret-token-0123456789" }}
+access_log: {{ enabled: false }}
+audit: {{ path: "{audit}", {keys}, checkpoint_interval_ms: 100, offhost_checkpoints: {{ path: "{copies}" }} }}
+listeners: [ {{ name: public, channel: public, listen: "127.0.0.1:{public}" }} ]
+sandboxes: [ {{ name: fhir, listen: "127.0.0.1:{sb}", data_dir: "@CONF@/demo/data" }} ]
+pools: [ {{ name: fhir, zones: [ {{ name: a, backends: [ {{ sandbox: fhir }} ] }} ] }} ]
+routes: [ {{ name: fhir, listener: public, path_prefix: /fhir, fhir: true, pool: fhir }} ]
+"#,
+            audit = path.display(),
+            copies = copies.display(),
+        );
+        let gw = Gateway::start(&yaml, admin);
+        let r = request(
+            gw.admin,
+            "POST",
+            "/sandbox/fhir/outage",
+            &[("Authorization", "Bearer admin-secret-token-0123456789")],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        wait_until("the admin record, sealed", Duration::from_secs(10), || {
+            records(&path)
+                .iter()
+                .filter(|r| r["phase"] == "admin")
+                .count()
+                >= n
+                && std::fs::read_to_string(&copies)
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+                    >= n
+        });
+        // The admin record sealed: a checkpoint after it, as the last line of the trail.
+        wait_until(
+            "a checkpoint after the admin record",
+            Duration::from_secs(10),
+            || {
+                std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .lines()
+                    .last()
+                    .is_some_and(|l| !l.contains("\"record\""))
+            },
+        );
+    };
+    run(&format!(r#"hmac_key: "{KEY_1}", key_id: k1"#), 1);
+    run(
+        &format!(
+            r#"hmac_key: "{KEY_2}", key_id: k2, previous_keys: [ {{ id: k1, key: "{KEY_1}" }} ]"#
+        ),
+        2,
+    );
+    let verify_with = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(caregate_bin());
+        cmd.args(["audit", "verify"])
+            .args(args)
+            .arg(&path)
+            .env_remove("CAREGATE_AUDIT_KEY")
+            .env_remove("CAREGATE_AUDIT_KEYS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let both = [("A_K1", KEY_1), ("A_K2", KEY_2)];
+    let (code, out) = verify_with(&["--key-env", "k1=A_K1", "--key-env", "k2=A_K2"], &both);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("keys k1 then k2"), "{out}");
+    let pairs = format!("k1={KEY_1}\nk2={KEY_2}");
+    let (code, out) = verify_with(&[], &[("CAREGATE_AUDIT_KEYS", &pairs)]);
+    assert_eq!(code, Some(0), "{out}");
+    // Either key alone fails.
+    let (code, out) = verify_with(&["--key-env", "A_K1"], &both);
+    assert_eq!(code, Some(1), "{out}");
+    let (code, out) = verify_with(&[], &[("CAREGATE_AUDIT_KEY", KEY_2)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAILED"), "{out}");
+    // Against the off-host copies: intact.
+    let copies_arg = copies.to_str().unwrap();
+    let (code, out) = verify_with(
+        &[
+            "--key-env",
+            "A_K1",
+            "--key-env",
+            "A_K2",
+            "--checkpoints",
+            copies_arg,
+        ],
+        &both,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("off-host checkpoint copies match"), "{out}");
+    // The whole local trail replaced by one written from scratch with the key: it verifies on
+    // its own, not against the copies.
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    run(&format!(r#"hmac_key: "{KEY_2}", key_id: k2"#), 1);
+    let (code, out) = verify_with(&["--key-env", "A_K2"], &both);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = verify_with(
+        &[
+            "--key-env",
+            "A_K1",
+            "--key-env",
+            "A_K2",
+            "--checkpoints",
+            copies_arg,
+        ],
+        &both,
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("copied off the host") && out.contains("rewritten"),
+        "{out}"
+    );
+    // No key at all: a usage error.
+    let (code, out) = verify_with(&[], &[]);
+    assert_eq!(code, Some(2), "{out}");
+}
+
+/// `audit report` reads a trail across a key rotation with the same keys `audit verify` takes,
+/// and refuses it with one key alone.
+#[test]
+fn audit_report_follows_a_key_rotation() {
+    const KEY_1: &str = "report-rotation-key-one-0123456789abcdef";
+    const KEY_2: &str = "report-rotation-key-two-0123456789abcdef";
+    let backend = EchoServer::start("fhir");
+    let dir = TempDir::new("audit-report-keys");
+    let path = dir.0.join("audit.jsonl");
+    for (keys, patient) in [
+        (format!(r#"hmac_key: "{KEY_1}", key_id: k1"#), "p1"),
+        (
+            format!(
+                r#"hmac_key: "{KEY_2}", key_id: k2, previous_keys: [ {{ id: k1, key: "{KEY_1}" }} ]"#
+            ),
+            "p2",
+        ),
+    ] {
+        let (admin, public) = (free_port(), free_port());
+        let yaml = config(admin, public, &backend, &path, "json")
+            .replace(&format!(r#"hmac_key: "{KEY}""#), &keys);
+        let mut gw = Gateway::start(&yaml, admin);
+        assert_eq!(phi_get_patient(addr(public), patient), 200);
+        gw.sigterm_and_wait();
+    }
+    let report = |env: &[(&str, &str)], patient: &str| {
+        let mut cmd = Command::new(caregate_bin());
+        cmd.args(["audit", "report", "--patient", patient, "--format", "json"])
+            .arg(&path)
+            .env_remove("CAREGATE_AUDIT_KEY")
+            .env_remove("CAREGATE_AUDIT_KEYS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let pairs = format!("k1={KEY_1} k2={KEY_2}");
+    for patient in ["p1", "p2"] {
+        let (code, out) = report(&[("CAREGATE_AUDIT_KEYS", &pairs)], patient);
+        assert_eq!(code, Some(0), "{out}");
+        let entries: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(entries.as_array().unwrap().len(), 1, "{out}");
+    }
+    let (code, _) = report(&[("CAREGATE_AUDIT_KEY", KEY_2)], "p2");
+    assert_eq!(
+        code,
+        Some(1),
+        "one key alone does not verify the whole trail"
+    );
+}
+
+fn phi_get_patient(p: std::net::SocketAddr, patient: &str) -> u16 {
+    let good = token("dr-a", "hospital-a");
+    request(
+        p,
+        "GET",
+        &format!("/fhir/Patient/{patient}"),
+        &[
+            ("Host", "a.example.org"),
+            ("Authorization", &format!("Bearer {good}")),
+        ],
+        b"",
+    )
+    .status
 }

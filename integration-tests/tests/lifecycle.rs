@@ -435,20 +435,23 @@ routes: [ {{ name: steady, listener: public, path_prefix: /steady, pool: a }}{ex
     let r = reload("second-admin-token-9876543210");
     assert_eq!(r.status, 422, "{}", r.text());
 
-    // Three reloads (the refused request was no reload), each with its audit record: who asked, the outcome, the config hashes.
-    let admin_records = || -> Vec<serde_json::Value> {
+    // Three reloads (the refused requests were no reloads), each with its audit record: who
+    // asked, the outcome, the config hashes. The two requests refused for their token are
+    // admin records of their own.
+    let admin_records = |refused: bool| -> Vec<serde_json::Value> {
         std::fs::read_to_string(&audit)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["record"]["phase"] == "admin")
             .map(|v| v["record"].clone())
+            .filter(|r| (r["outcome"]["reason"] == "admin_token_refused") == refused)
             .collect()
     };
     wait_until("the reload audit records", Duration::from_secs(10), || {
-        admin_records().len() == 3
+        admin_records(false).len() == 3 && admin_records(true).len() == 2
     });
-    let recs = admin_records();
+    let recs = admin_records(false);
     let outcomes: Vec<_> = recs
         .iter()
         .map(|r| r["outcome"]["reason"].as_str().unwrap().to_string())

@@ -36,7 +36,7 @@ fn every_metric_of_the_dashboard_and_rules_is_exported() {
     let ok = EchoServer::start("zone-b");
     let soon_dead = EchoServer::start("zone-a");
     let dir = TempDir::new("mon");
-    let (public, admin) = (free_port(), free_port());
+    let (public, admin, mllp) = (free_port(), free_port(), free_port());
     let secret = "monitoring-test-secret-0123456789abcdef";
     let yaml = format!(
         r#"
@@ -55,6 +55,13 @@ pools:
       - {{ name: zone-a, backends: [ {{ address: "{a}" }} ] }}
       - {{ name: zone-b, backends: [ {{ address: "{b}" }} ] }}
     health_check: {{ interval_ms: 60000 }}
+  - name: lab
+    protocol: mllp
+    zones: [ {{ name: zone-a, backends: [ {{ address: "127.0.0.1:{no_lab}" }} ] }} ]
+    health_check: {{ interval_ms: 60000 }}
+hl7:
+  listeners: [ {{ name: hl7-internal, listen: "127.0.0.1:{mllp}" }} ]
+  routes: [ {{ name: adt, listener: hl7-internal, message_types: [ "ADT^A01" ], pool: lab, ack_timeout_ms: 2000 }} ]
 routes:
   - name: fhir
     listener: public
@@ -62,7 +69,9 @@ routes:
     fhir: true
     phi: true
     pool: fhir
-    filters: [ {{ kind: jwt_auth }} ]
+    filters:
+      - {{ kind: jwt_auth }}
+      - {{ kind: break_glass, config: {{ roles: [er_physician], overrides: [tenant] }} }}
   - name: limited
     listener: public
     path_prefix: /limited
@@ -74,6 +83,7 @@ routes:
           limits: [ {{ name: tiny, key: [client_addr], rate: 1, per_seconds: 3600, burst: 1 }} ]
 "#,
         no_redis = free_port(),
+        no_lab = free_port(),
         audit = dir.0.join("audit.jsonl").display(),
         a = soon_dead.addr,
         b = ok.addr
@@ -102,12 +112,50 @@ routes:
         );
         assert_eq!(r.status, 200, "{}", r.text());
     }
+    // Emergency access: claimed by an entitled clinician, refused to one without the role.
+    let er = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": "https://staff.test", "aud": "caregate", "sub": "dr-er", "exp": now + 600, "roles": ["er_physician"]}),
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    for (tok, want) in [(&er, 200), (&token, 403)] {
+        let r = request(
+            p,
+            "GET",
+            "/fhir/Patient/1",
+            &[
+                ("Authorization", &format!("Bearer {tok}")),
+                ("X-Break-Glass", "ETREAT; emergency"),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, want, "{}", r.text());
+    }
     // Denied.
     assert_eq!(get(p, "/fhir/Patient/1").status, 401);
     // Rate limited, by the local fallback of a Redis store that is not there.
     assert_eq!(get(p, "/limited/a").status, 200);
     let r = get(p, "/limited/b");
     assert_eq!(r.status, 429, "{}", r.text());
+    // An HL7 v2 message over MLLP, to a destination that is down: the gateway's own AR.
+    let mut c = std::net::TcpStream::connect(addr(mllp)).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut c,
+        b"\x0bMSH|^~\\&|ADT|HOSP|EHR|HOSP|20250101||ADT^A01|m-1|P|2.5\rEVN|A01|20250101\r\x1c\r",
+    )
+    .unwrap();
+    let mut ack = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !ack.ends_with(b"\x1c\r") {
+        let n = std::io::Read::read(&mut c, &mut buf).unwrap();
+        assert!(n > 0, "the MLLP listener closed without an acknowledgement");
+        ack.extend_from_slice(&buf[..n]);
+    }
+    let ack = String::from_utf8_lossy(&ack);
+    assert!(ack.contains("MSA|AR|m-1"), "{ack}");
     // A reload of the unchanged file (the reload series appear with the first reload).
     let r = request(gw.admin, "POST", "/reload", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -72,6 +72,7 @@ pub fn record(i: u64) -> AuditRecord {
             resource_type: Some("Observation".into()),
             resource_id: Some(format!("obs-{i}")),
             patient: Some("pat-1".into()),
+            ..Default::default()
         },
         outcome: Outcome {
             status: Some(200),
@@ -84,6 +85,9 @@ pub fn record(i: u64) -> AuditRecord {
             zone: Some("zone-a".into()),
         }),
         config: None,
+        hl7: None,
+        anomaly: None,
+        break_glass: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn record(ctx: &RequestCtx, phase: Phase, status: Option<u16>) -> AuditRecord {
             resource_type: Some("Observation".into()),
             resource_id: None,
             patient: principal.and_then(|p| p.patient.clone()),
+            ..Default::default()
         },
         outcome: Outcome {
             status,
@@ -57,6 +58,9 @@ fn record(ctx: &RequestCtx, phase: Phase, status: Option<u16>) -> AuditRecord {
             zone: Some("zone-a".into()),
         }),
         config: None,
+        hl7: None,
+        anomaly: None,
+        break_glass: None,
     }
 }
 

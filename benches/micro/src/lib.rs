@@ -298,6 +298,7 @@ pub mod routes {
             fhir,
             phi: fhir,
             pool: 0,
+            hl7: false,
             upstream_prefix: None,
             filters,
         })

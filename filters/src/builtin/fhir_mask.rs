@@ -310,6 +310,14 @@ impl FhirMaskFilter {
     }
 
     fn masker_for(&self, ctx: &RequestCtx) -> Option<Arc<Masker>> {
+        // Emergency access where the route lets it override masking: the clinician sees the
+        // record whole (and the audit trail says so).
+        if let Some(bg) = ctx.facts.get::<crate::identity::BreakGlass>() {
+            if bg.allows(crate::identity::BreakGlassOverride::Mask) {
+                bg.overrode(crate::identity::BreakGlassOverride::Mask);
+                return None;
+            }
+        }
         let Some(principal) = ctx.facts.get::<Principal>() else {
             // No verified caller (the chain lets anonymous callers through, or runs this before
             // jwt_auth): the strictest rules, never none.
@@ -334,11 +342,12 @@ impl Filter for FhirMaskFilter {
         self.mode
     }
 
-    /// Reads the verified caller (its roles; without one, the strictest rules apply); once per
-    /// chain (its per-response state has one writer).
+    /// Reads the verified caller (its roles; without one, the strictest rules apply) and the
+    /// emergency-access decision (it honours a `mask` override); once per chain (its
+    /// per-response state has one writer).
     fn declaration(&self) -> crate::Declaration {
         crate::Declaration::new()
-            .reads(&[crate::Capability::Principal])
+            .reads(&[crate::Capability::Principal, crate::Capability::BreakGlass])
             .once()
     }
 

@@ -2,6 +2,7 @@
 //! and its filter.
 
 pub mod body;
+pub mod break_glass;
 pub mod bundle_entries;
 pub mod cors;
 pub mod fhir_links;

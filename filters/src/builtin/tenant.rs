@@ -43,7 +43,9 @@
 //! or a bad header name.
 
 use crate::ctx::writers;
-use crate::identity::{Principal, Tenant, TenantConfig};
+use crate::identity::{
+    BreakGlass, BreakGlassAvailable, BreakGlassOverride, Principal, Tenant, TenantConfig,
+};
 use crate::registry::{parse_config, BuildContext, BuildError};
 use crate::{Decision, Filter, FilterError, LocalReply, Mode, RequestCtx, RequestHeader, Result};
 use async_trait::async_trait;
@@ -358,11 +360,13 @@ impl Filter for TenantFilter {
     }
 
     /// Needs the verified caller; provides the verified tenant (it writes `Tenant`, once per
-    /// chain); confines access.
+    /// chain); confines access; honours emergency access (`break_glass`, when the chain has
+    /// it, runs first).
     fn declaration(&self) -> crate::Declaration {
-        use crate::Capability::{Principal, Tenant};
+        use crate::Capability::{BreakGlass, Principal, Tenant};
         crate::Declaration::new()
             .needs(&[Principal])
+            .reads(&[BreakGlass])
             .provides(&[Tenant])
             .once()
             .confining()
@@ -378,7 +382,26 @@ impl Filter for TenantFilter {
             Err(denial) => return Ok(denial),
         };
         if let Some(denial) = Self::caller_may_act(tenant, ctx.facts.get::<Principal>()) {
-            return Ok(denial);
+            // Emergency access across the organisation's hospitals: only for a caller of the
+            // organisation (authenticated, with a tenant of their own), and only where the
+            // route lets it override tenant isolation.
+            let own_tenant = ctx
+                .facts
+                .get::<Principal>()
+                .is_some_and(|p| p.tenant.is_some());
+            match ctx.facts.get::<BreakGlass>() {
+                Some(bg) if own_tenant && bg.allows(BreakGlassOverride::Tenant) => {
+                    bg.overrode(BreakGlassOverride::Tenant);
+                }
+                _ => {
+                    if ctx.facts.get::<BreakGlassAvailable>().is_some() && own_tenant {
+                        return Ok(mismatch(
+                            "the caller does not belong to the requested tenant; emergency access (break-the-glass) may be claimed on this route",
+                        ));
+                    }
+                    return Ok(denial);
+                }
+            }
         }
         ctx.facts
             .insert(

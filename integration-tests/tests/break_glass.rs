@@ -194,4 +194,32 @@ routes:
     }
     let (code, out) = audit_verify(&audit, KEY);
     assert_eq!(code, Some(0), "{out}");
+
+    // The next-day review lists exactly the two emergency accesses, with their purpose and
+    // reason.
+    let out = std::process::Command::new(caregate_bin())
+        .args(["audit", "report", "--break-glass", "--format", "json"])
+        .arg(&audit)
+        .env("CAREGATE_AUDIT_KEY", KEY)
+        .env_remove("CAREGATE_AUDIT_KEYS")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = entries.as_array().unwrap();
+    let ids: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["request_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["bg-2", "bg-3"], "{entries:?}");
+    assert_eq!(entries[0]["break_glass"]["purpose"], "ETREAT");
+    assert_eq!(
+        entries[0]["break_glass"]["reason"],
+        "unconscious patient in the ER"
+    );
 }

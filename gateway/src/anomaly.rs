@@ -213,6 +213,9 @@ impl Limits {
 /// The unusual-access monitor. Cheap to share (`Arc<Monitor>`); every method takes `&self`.
 pub struct Monitor {
     cfg: ArcSwap<UnusualAccessConfig>,
+    /// The config generation last compared with `cfg` (see [`observe`]): one atomic load per
+    /// record instead of a comparison of the configs.
+    generation: std::sync::atomic::AtomicU64,
     hasher: RandomState,
     shards: Vec<Mutex<Shard>>,
     limits: Limits,
@@ -329,6 +332,34 @@ impl SubjectState {
     fn may_flag(&self, kind: usize) -> bool {
         self.flagged[kind].is_none()
     }
+
+    /// Count one event of kind `index` (1 cross-tenant, 2 break-the-glass) at `now`: a finding
+    /// when the window's count passes `threshold` and the kind was not flagged in it.
+    fn event(
+        &mut self,
+        index: usize,
+        now: Instant,
+        kind: &'static str,
+        threshold: u64,
+    ) -> Option<Finding> {
+        let q = if index == 1 {
+            &mut self.cross_tenant
+        } else {
+            &mut self.break_glass
+        };
+        q.push_back(now);
+        let count = q.len() as u64;
+        trim_events(q, cap_for(threshold));
+        if count > threshold && self.may_flag(index) {
+            self.flagged[index] = Some(now);
+            return Some(Finding {
+                kind,
+                count,
+                threshold,
+            });
+        }
+        None
+    }
 }
 
 fn trim_events(q: &mut VecDeque<Instant>, cap: usize) {
@@ -360,6 +391,8 @@ impl Monitor {
     fn with_limits(cfg: &UnusualAccessConfig, limits: Limits) -> Monitor {
         Monitor {
             cfg: ArcSwap::from_pointee(cfg.clone()),
+            // Built from the config of the first generation.
+            generation: std::sync::atomic::AtomicU64::new(1),
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             limits,
@@ -470,30 +503,10 @@ impl Monitor {
                 st.trim_patients(cap_for(cfg.max_distinct_patients));
             }
             if cross_tenant {
-                st.cross_tenant.push_back(now);
-                let count = st.cross_tenant.len() as u64;
-                if count > cfg.max_cross_tenant && st.may_flag(1) {
-                    st.flagged[1] = Some(now);
-                    findings.push(Finding {
-                        kind: KIND_CROSS_TENANT,
-                        count,
-                        threshold: cfg.max_cross_tenant,
-                    });
-                }
-                trim_events(&mut st.cross_tenant, cap_for(cfg.max_cross_tenant));
+                findings.extend(st.event(1, now, KIND_CROSS_TENANT, cfg.max_cross_tenant));
             }
             if break_glass {
-                st.break_glass.push_back(now);
-                let count = st.break_glass.len() as u64;
-                if count > cfg.max_break_glass && st.may_flag(2) {
-                    st.flagged[2] = Some(now);
-                    findings.push(Finding {
-                        kind: KIND_REPEATED_BREAK_GLASS,
-                        count,
-                        threshold: cfg.max_break_glass,
-                    });
-                }
-                trim_events(&mut st.break_glass, cap_for(cfg.max_break_glass));
+                findings.extend(st.event(2, now, KIND_REPEATED_BREAK_GLASS, cfg.max_break_glass));
             }
             let after = st.weight();
             shard.entries = shard.entries.saturating_sub(before) + after;
@@ -639,7 +652,11 @@ pub fn observe(
 ) -> Vec<AuditRecord> {
     match monitor {
         Some(m) => {
-            m.reconfigure(&generation.config.unusual_access);
+            use std::sync::atomic::Ordering;
+            if m.generation.load(Ordering::Acquire) != generation.number {
+                m.reconfigure(&generation.config.unusual_access);
+                m.generation.store(generation.number, Ordering::Release);
+            }
             m.observe(rec, Instant::now())
         }
         None => Vec::new(),

@@ -220,10 +220,9 @@ impl Gateway {
 
         // 6. The response, whole (scanned for the patients it holds, for the completion record).
         let body = out.unwrap_or_default();
-        if ctx.audited_access && ctx.req.fhir_route && crate::proxy::identity_encoded(&resp) {
-            let mut scanner = caregate_fhir::PatientScanner::new();
+        crate::proxy::start_patient_scan(ctx, &resp);
+        if let Some(scanner) = &mut ctx.body_patients {
             scanner.feed(&body);
-            ctx.body_patients = Some(scanner);
         }
         let status = resp.status.as_u16();
         let head = session.req_header().method == http::Method::HEAD;

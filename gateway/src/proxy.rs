@@ -583,13 +583,18 @@ impl Gateway {
     }
 }
 
-/// Whether a response body is sent as it is (no `Content-Encoding` but `identity`): only then
-/// can the gateway read the patients in it.
-pub(crate) fn identity_encoded(resp: &ResponseHeader) -> bool {
-    resp.headers
+/// The completion record of an audited FHIR request names the patients its response held:
+/// start scanning the response (streamed or held whole, one rule for both), when its body is
+/// sent as it is (no `Content-Encoding` but `identity`: only then can the patients be read).
+pub(crate) fn start_patient_scan(ctx: &mut Ctx, resp: &ResponseHeader) {
+    let identity = resp
+        .headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"))
+        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"));
+    if ctx.audited_access && ctx.req.fhir_route && identity {
+        ctx.body_patients = Some(caregate_fhir::PatientScanner::new());
+    }
 }
 
 /// The resource type, id and interaction of a FHIR request path below the route prefix, as far
@@ -1339,9 +1344,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        if ctx.audited_access && ctx.req.fhir_route && identity_encoded(upstream_response) {
-            ctx.body_patients = Some(caregate_fhir::PatientScanner::new());
-        }
+        start_patient_scan(ctx, upstream_response);
         if let Some(route) = ctx.route.clone() {
             let verdict =
                 Chain::new(&route.filters, &MetricsSink).response(upstream_response, &mut ctx.req);

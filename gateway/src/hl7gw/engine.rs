@@ -318,12 +318,12 @@ impl Engine {
         }
         let tenant = known.and_then(|f| f.tenant.clone());
         let ty = format!("{}^{}", header.message_type, header.trigger_event);
-        if hl7.routes.iter().any(|r| {
-            r.message_types.iter().any(|t| {
-                *t == ty || *t == header.message_type || *t == format!("{}^*", header.message_type)
-            })
-        }) && super::config::valid_message_type(&ty)
-        {
+        // A label value only for a type some route names (a sender cannot mint label values).
+        let named = hl7.routes.iter().any(|r| {
+            !r.message_types.is_empty()
+                && type_matches(r, &header.message_type, &header.trigger_event)
+        });
+        if named && super::config::valid_message_type(&ty) {
             labels.ty = ty.clone();
         }
         let patients = msg.segment("PID").is_some();

@@ -155,6 +155,11 @@ pub struct IssuerConfig {
     /// Which claims fill which fields of the principal. Default: [`ClaimMapping`]'s defaults.
     #[serde(default)]
     pub claims: ClaimMapping,
+    /// A sandbox issuer (synthetic users of a sandbox environment): its tokens are accepted
+    /// only on `environment: sandbox` listeners, where only sandbox issuers are trusted, and
+    /// refused on every production listener. Default `false`.
+    #[serde(default)]
+    pub sandbox: bool,
 }
 
 fn d_leeway() -> u64 {

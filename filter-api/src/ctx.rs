@@ -27,6 +27,29 @@ impl Channel {
     }
 }
 
+/// Whether a listener or pool serves production or a sandbox environment (synthetic data,
+/// sandbox-only credentials). A sandbox listener accepts only tokens of sandbox issuers, and a
+/// token of a sandbox issuer is refused everywhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    /// Real patients, real credentials (the default).
+    #[default]
+    Production,
+    /// Synthetic data and sandbox-only credentials.
+    Sandbox,
+}
+
+impl Environment {
+    /// As written in config: `production` or `sandbox`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Sandbox => "sandbox",
+        }
+    }
+}
+
 /// A refused second write of a single-writer fact ([`Facts::insert`]), or a refused second
 /// pre-read ([`RequestCtx::request_preread`]). Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,6 +320,8 @@ pub struct RequestInfo {
     pub listener: Arc<str>,
     /// The channel of that listener.
     pub channel: Channel,
+    /// The environment of that listener (production unless the listener is a sandbox).
+    pub environment: Environment,
     /// Name of the matched route (`None` until routing, or when nothing matched).
     pub route: Option<Arc<str>>,
     /// Whether the matched route serves FHIR (its errors are OperationOutcomes).
@@ -388,6 +413,7 @@ impl RequestCtx {
                 request_id: String::new(),
                 listener,
                 channel,
+                environment: Environment::Production,
                 route: None,
                 fhir_route: false,
                 client_addr: None,

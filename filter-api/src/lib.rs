@@ -44,7 +44,7 @@ pub mod reply;
 use async_trait::async_trait;
 pub use build::{parse_config, BuildContext, BuildError, FilterSpec, SharedBuildState};
 use bytes::Bytes;
-pub use ctx::{Channel, FactError, Facts, PreRead, RequestCtx, RequestInfo, Stored};
+pub use ctx::{Channel, Environment, FactError, Facts, PreRead, RequestCtx, RequestInfo, Stored};
 pub use pingora_http::{RequestHeader, ResponseHeader};
 pub use reply::{LocalReply, ReplyBody, TypedBody};
 use serde::Deserialize;

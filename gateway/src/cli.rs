@@ -253,6 +253,8 @@ impl App {
                 daemon,
             } => self.run(&config, upgrade, daemon, None),
             Command::Check { config } => self.check(&config),
+            Command::Lint(args) => crate::lint::run(&args, &self.registry),
+            Command::Usage(args) => crate::usage::run(&args),
             Command::Demo { config } => {
                 let banner = match self.load(&config) {
                     Ok(l) => demo_banner(&l),
@@ -925,6 +927,12 @@ enum Command {
         #[arg(short, long, default_value = "conf/demo.yaml")]
         config: PathBuf,
     },
+    /// Apply the governance rules to a config file, offline: the gate a platform team runs in
+    /// CI before a config goes live. Exit 0 when no unwaived error-level finding remains, 1
+    /// when one does (or the config is invalid), 2 for usage errors.
+    Lint(crate::lint::LintArgs),
+    /// Which client ids still call deprecated API versions, from the access log.
+    Usage(crate::usage::UsageArgs),
     /// Work with the PHI audit trail.
     Audit {
         #[command(subcommand)]

@@ -9,7 +9,7 @@ use caregate_filters::builtin::jwt_auth::AuthConfig;
 use caregate_filters::declare::{self, ChainRules, Link, Violation};
 use caregate_filters::identity::TenantConfig;
 use caregate_filters::{
-    BuildContext, Capability, Channel, Filter, FilterRegistry, FilterSpec, Mode,
+    BuildContext, Capability, Channel, Environment, Filter, FilterRegistry, FilterSpec, Mode,
 };
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -59,6 +59,16 @@ pub struct Config {
     /// The unusual-access monitor over the audit records (`docs/observability.md`).
     #[serde(default)]
     pub unusual_access: crate::anomaly::UnusualAccessConfig,
+    /// APIs, their versions and lifecycle (`docs/api-lifecycle.md`). Each route an API names is
+    /// served once per version; after [`parse`], `routes` holds those copies.
+    #[serde(default)]
+    pub apis: Vec<crate::apis::ApiConfig>,
+    /// The developer portal: the OpenAPI 3.1 document and its Redoc page.
+    #[serde(default)]
+    pub portal: Option<crate::portal::PortalConfig>,
+    /// `caregate lint`: rule settings and waivers (never read by `run` or `check`).
+    #[serde(default)]
+    pub lint: crate::lint::LintConfig,
 }
 
 /// The resolver of backend names.
@@ -399,6 +409,10 @@ pub struct ListenerConfig {
     /// `server.connections` (e.g. a stricter public channel).
     #[serde(default)]
     pub connections: ListenerConnections,
+    /// `production` (default) or `sandbox`: a sandbox listener serves draft API versions,
+    /// trusts only sandbox issuers and sends only to sandbox pools.
+    #[serde(default)]
+    pub environment: Environment,
 }
 
 /// `listeners[].connections`: what differs on this listener from `server.connections`.
@@ -493,12 +507,22 @@ pub struct RouteConfig {
     pub upstream_prefix: Option<String>,
     #[serde(default)]
     pub filters: Vec<FilterSpec>,
+    /// Set on the copies of an API's route, one per version (see [`crate::apis::expand`]).
+    #[serde(skip)]
+    pub api: Option<Arc<crate::apis::ApiBinding>>,
+    /// The developer portal's own route (added from `portal:`): answered by the gateway.
+    #[serde(skip)]
+    pub portal: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
+    /// `production` (default) or `sandbox` (synthetic data only): routes on a sandbox listener
+    /// may use only sandbox pools.
+    #[serde(default)]
+    pub environment: Environment,
     /// What the backends speak: `http` (default) or `mllp` (HL7 v2 over TCP; health-checked
     /// by a TCP connect).
     #[serde(default)]
@@ -892,7 +916,37 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     let text = substitute_env(text, |n| std::env::var(n).ok())?;
     // serde_yaml's errors name the place (`routes[3].filters[1]: unknown field ...`) and the
     // line and column.
-    serde_yaml::from_str::<Config>(&text).map_err(|e| ConfigError(e.to_string()))
+    let mut c = serde_yaml::from_str::<Config>(&text).map_err(|e| ConfigError(e.to_string()))?;
+    expand(&mut c)?;
+    Ok(c)
+}
+
+/// The routes as served: an API's routes once per version, and the portal's route.
+fn expand(c: &mut Config) -> Result<(), ConfigError> {
+    let listeners: Vec<(String, Environment)> = c
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.environment))
+        .collect();
+    let pools: Vec<(String, Environment)> = c
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), p.environment))
+        .collect();
+    let find = |list: &[(String, Environment)], n: &str| {
+        list.iter().find(|(x, _)| x == n).map(|(_, e)| *e)
+    };
+    let routes = std::mem::take(&mut c.routes);
+    c.routes = crate::apis::expand(
+        &c.apis,
+        routes,
+        &|n| find(&listeners, n),
+        &|n| find(&pools, n),
+    )?;
+    if let Some(p) = &c.portal {
+        c.routes.push(p.route()?);
+    }
+    Ok(())
 }
 
 /// A fully validated configuration: the raw config plus everything built from it.
@@ -1228,7 +1282,9 @@ pub fn validate_with(
         if !listeners.contains(r.listener.as_str()) {
             return err(format!("{at}.listener: no listener named `{}`", r.listener));
         }
-        if r.hl7 {
+        if r.portal {
+            // The portal's own route: answered by the gateway, no pool.
+        } else if r.hl7 {
             if !r.pool.is_empty() {
                 return err(format!(
                     "{at}.pool: an `hl7: true` route sends each message where its `hl7.routes` say; remove `pool`"

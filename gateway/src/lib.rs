@@ -23,6 +23,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod anomaly;
+pub mod apis;
 pub mod cli;
 pub mod config;
 pub mod confinement;
@@ -33,10 +34,12 @@ pub mod exchange;
 pub mod hl7gw;
 pub mod hygiene;
 pub mod lifecycle;
+pub mod lint;
 pub mod logging;
 pub mod metrics;
 pub mod otlp;
 pub mod outlier;
+pub mod portal;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
@@ -44,6 +47,7 @@ pub mod router;
 pub mod sandbox_server;
 pub mod server;
 pub mod tls_identity;
+pub mod usage;
 pub mod upstream;
 
 pub use cli::{App, AppBuilder, FilterBuilder, RegistrationError};

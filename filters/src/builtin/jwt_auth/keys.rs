@@ -298,6 +298,11 @@ impl IssuerSet {
         self.issuers.is_empty()
     }
 
+    /// Whether issuer `idx` is a sandbox issuer (its tokens count on sandbox listeners only).
+    pub fn is_sandbox(&self, idx: usize) -> bool {
+        self.issuers.get(idx).is_some_and(|i| i.cfg.sandbox)
+    }
+
     pub fn issuer_value(&self, idx: usize) -> Option<&str> {
         self.issuers.get(idx).map(|i| i.cfg.issuer.as_str())
     }

@@ -86,7 +86,10 @@ fn d_max() -> usize {
 
 pub struct JwtAuthFilter {
     set: Arc<IssuerSet>,
+    /// The production issuers this route trusts (never a sandbox issuer).
     allowed: Vec<usize>,
+    /// Every sandbox issuer: what the route trusts on a sandbox listener, instead of `allowed`.
+    sandbox_allowed: Vec<usize>,
     bearer: SourceMode,
     cert: SourceMode,
     challenge: String,
@@ -171,20 +174,28 @@ impl JwtAuthFilter {
             ));
         }
         let allowed = match &c.issuers {
-            None => (0..set.len()).collect(),
+            None => (0..set.len()).filter(|&i| !set.is_sandbox(i)).collect(),
             Some(names) => {
                 let mut v = Vec::new();
                 for (i, n) in names.iter().enumerate() {
-                    v.push(set.index_of(n).ok_or_else(|| {
+                    let idx = set.index_of(n).ok_or_else(|| {
                         BuildError::new(
                             format!("config.issuers[{i}]"),
                             format!("no issuer named `{n}`"),
                         )
-                    })?);
+                    })?;
+                    if set.is_sandbox(idx) {
+                        return Err(BuildError::new(
+                            format!("config.issuers[{i}]"),
+                            format!("`{n}` is a sandbox issuer: its tokens are accepted on sandbox listeners only, where every sandbox issuer is trusted; do not name it"),
+                        ));
+                    }
+                    v.push(idx);
                 }
                 v
             }
         };
+        let sandbox_allowed = (0..set.len()).filter(|&i| set.is_sandbox(i)).collect();
         if c.max_token_bytes < 64 {
             return Err(BuildError::new(
                 "config.max_token_bytes",
@@ -204,6 +215,7 @@ impl JwtAuthFilter {
         Ok(JwtAuthFilter {
             set,
             allowed,
+            sandbox_allowed,
             bearer: c.bearer,
             cert: c.client_certificate,
             challenge: format!("Bearer realm=\"{}\"", c.realm),
@@ -359,6 +371,13 @@ impl Filter for JwtAuthFilter {
                     if token.len() > self.max_token_bytes {
                         return Ok(self.invalid(Rejection::TooLarge));
                     }
+                    // A sandbox listener trusts the sandbox issuers only; every other
+                    // listener never trusts them.
+                    let allowed = if ctx.environment == caregate_filter_api::Environment::Sandbox {
+                        &self.sandbox_allowed
+                    } else {
+                        &self.allowed
+                    };
                     let key = cache::hash_token(&token);
                     let now = self.set.now();
                     let cached = self.set.cache.get(&key, now);
@@ -369,7 +388,7 @@ impl Filter for JwtAuthFilter {
                                 .issuer
                                 .as_deref()
                                 .and_then(|iss| {
-                                    self.allowed
+                                    allowed
                                         .iter()
                                         .find(|i| self.set.issuer_value(**i) == Some(iss))
                                 })
@@ -383,7 +402,7 @@ impl Filter for JwtAuthFilter {
                             keys::TOKEN_CACHE.with_label_values(&["miss"]).inc();
                             match self
                                 .set
-                                .verify(&token, self.max_token_bytes, &self.allowed)
+                                .verify(&token, self.max_token_bytes, allowed)
                                 .await
                             {
                                 Ok((p, idx, kid, exp)) => {

@@ -32,6 +32,10 @@ pub struct AuditRecord {
     /// or that an earlier claim's grant covered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub break_glass: Option<BreakGlassUse>,
+    /// `sandbox` for a request on a sandbox listener (synthetic data, sandbox credentials);
+    /// absent for production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 /// An emergency access, as claimed.

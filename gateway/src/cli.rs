@@ -255,9 +255,36 @@ impl App {
             Command::Check { config } => self.check(&config),
             Command::Lint(args) => crate::lint::run(&args, &self.registry),
             Command::Usage(args) => crate::usage::run(&args),
-            Command::Demo { config } => {
+            Command::Demo {
+                state_dir,
+                command: Some(DemoCommand::Token(args)),
+                ..
+            } => match crate::demo::DemoState::open(&state_dir, false)
+                .and_then(|s| crate::demo::mint(&s, &args))
+            {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{} demo token: {e}", self.name);
+                    ExitCode::from(1)
+                }
+            },
+            Command::Demo {
+                config,
+                state_dir,
+                command: None,
+            } => {
+                match crate::demo::DemoState::open(&state_dir, true) {
+                    Ok(s) => s.export(),
+                    Err(e) => {
+                        eprintln!("{} demo: {e}", self.name);
+                        return ExitCode::from(1);
+                    }
+                }
                 let banner = match self.load(&config) {
-                    Ok(l) => demo_banner(&l),
+                    Ok(l) => crate::demo::banner(&l, &state_dir),
                     Err(e) => {
                         eprintln!(
                             "{}: invalid demo config: {e} (run from the repository root)",
@@ -922,10 +949,16 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Run the built-in demo: the gateway in front of sandbox FHIR servers in two zones.
+    /// Run the built-in demo: a sandbox environment, the gateway in front of sandbox FHIR
+    /// servers in two zones, with its own sandbox issuer; it prints requests to try.
     Demo {
         #[arg(short, long, default_value = "conf/demo.yaml")]
         config: PathBuf,
+        /// Where the demo keeps its issuer secret, audit key, audit trail and access log.
+        #[arg(long, default_value = crate::demo::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: Option<DemoCommand>,
     },
     /// Apply the governance rules to a config file, offline: the gate a platform team runs in
     /// CI before a config goes live. Exit 0 when no unwaived error-level finding remains, 1
@@ -966,6 +999,13 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DemoCommand {
+    /// Print a token of the demo's sandbox issuer (for a patient context or a role), for the
+    /// running demo. Such a token is refused on every production listener.
+    Token(crate::demo::TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -1081,61 +1121,6 @@ const DAEMON_REFUSED: &str = "--daemon is not supported: the audit trail and acc
 log writers would not survive the fork. Run caregate in the foreground under a supervisor \
 instead (systemd: Type=exec with ExecStart=caregate run -c FILE; see docs/operations.md), \
 or in a container.";
-
-fn demo_banner(loaded: &config::Loaded) -> String {
-    let cfg = &loaded.config;
-    let public = cfg
-        .listeners
-        .iter()
-        .find(|l| l.name == "public")
-        .map(|l| l.listen.to_string())
-        .unwrap_or_else(|| "127.0.0.1:8080".into());
-    let internal = cfg
-        .listeners
-        .iter()
-        .find(|l| l.name == "internal")
-        .map(|l| l.listen.to_string())
-        .unwrap_or_else(|| "127.0.0.1:8081".into());
-    let admin = cfg.admin.listen.to_string();
-    let zone_a = cfg
-        .sandboxes
-        .first()
-        .map(|s| s.name.clone())
-        .unwrap_or_default();
-    format!(
-        r#"
-caregate demo: the gateway in front of two sandbox FHIR servers (zone-a preferred, zone-b standby)
-holding synthetic Synthea patients. Try, in another terminal:
-
-  # readiness and metrics (admin listener, loopback only)
-  curl -s http://{admin}/readyz
-  curl -s http://{admin}/metrics | grep caregate_upstream_backend_healthy
-
-  # FHIR through the public listener
-  curl -s http://{public}/fhir/metadata | head -c 300; echo
-  curl -s 'http://{public}/fhir/Patient?_count=2' | head -c 600; echo
-  curl -s 'http://{public}/fhir/Observation?category=vital-signs&_count=1' | head -c 600; echo
-
-  # what the gateway refuses: a path trick, an internal route on the public listener
-  curl -si 'http://{public}/fhir/%2e%2e/internal/fhir/Patient' | head -n 1
-  curl -si 'http://{public}/fhir/Patient%2F1' | head -n 1
-  curl -s  'http://{public}/internal/fhir/Patient'; echo
-  curl -s  'http://{internal}/internal/fhir/Patient?_count=1' | head -c 300; echo
-
-  # a preflight from the patient portal, answered at the gateway
-  curl -si -X OPTIONS http://{public}/fhir/Patient -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' | head -n 5
-
-  # take zone-a down: its sandbox closes its socket; traffic fails over to zone-b
-  curl -s -X POST http://{admin}/sandbox/{zone_a}/outage
-  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' 'http://{public}/fhir/Patient?_count=1'; done; echo
-  curl -s -o /dev/null -w '%{{http_code}}\n' 'http://{public}/fhir/Patient?_count=1'   # still served, by zone-b
-  curl -s http://{admin}/metrics | grep -E 'caregate_upstream_(failovers_total|backend_healthy)'
-  curl -s -X POST http://{admin}/sandbox/{zone_a}/restore
-
-Stop with Ctrl-C.
-"#
-    )
-}
 
 #[cfg(test)]
 mod tests {

@@ -1308,6 +1308,17 @@ pub fn validate_with(
                 "{at}.pool: `{}` is an MLLP pool; HTTP routes need an HTTP pool",
                 r.pool
             ));
+        } else if c.listeners.iter().any(|l| {
+            l.name == r.listener && l.environment == Environment::Sandbox
+        }) && c
+            .pools
+            .iter()
+            .any(|p| p.name == r.pool && p.environment != Environment::Sandbox)
+        {
+            return err(format!(
+                "{at}.pool: `{}` is a production pool and `{}` a sandbox listener: sandbox traffic never reaches production pools (set `environment: sandbox` on a sandbox pool)",
+                r.pool, r.listener
+            ));
         }
         match crate::hygiene::normalize_path(&r.path_prefix) {
             Ok(n)

@@ -234,6 +234,7 @@ impl Gateway {
             resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         }
         set_request_id(&mut resp, &ctx.req.request_id);
+        crate::proxy::set_api_headers(&mut resp, ctx);
         let empty = head || body.is_empty();
         session.write_response_header(Box::new(resp), empty).await?;
         if !empty {

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod confinement;
 pub mod conn_guard;
+pub mod demo;
 pub mod dns;
 pub mod errors;
 pub mod exchange;

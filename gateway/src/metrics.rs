@@ -256,6 +256,16 @@ pub static BREAK_GLASS_REFUSED: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("register caregate_break_glass_refused_total")
 });
 
+#[allow(clippy::expect_used)]
+pub static API_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "caregate_api_requests_total",
+        "Requests to a version of an API, by API, version, lifecycle state at the time of the request (draft, preview, live, deprecated, retired) and environment (production, sandbox).",
+        &["api", "version", "state", "environment"]
+    )
+    .expect("register caregate_api_requests_total")
+});
+
 /// The audit metrics, registered only when an audit sink is configured.
 pub fn init_audit() {
     Lazy::force(&AUDIT_RECORDS);

@@ -30,6 +30,8 @@ pub struct Gateway {
     /// The listener's index in the config (its route table's index in a generation).
     pub listener_index: usize,
     pub channel: Channel,
+    /// Production, or a sandbox listener (listeners are fixed at start).
+    pub environment: caregate_filters::Environment,
     pub tls: bool,
     /// The live config generation; each request reads it once and keeps it.
     pub live: crate::reload::Live,
@@ -91,6 +93,8 @@ pub struct Ctx {
     pub(crate) bulkhead: Option<crate::outlier::Slot>,
     /// Request body bytes received so far (the minimum-rate rule).
     pub(crate) body_in: u64,
+    /// The API version's state for this request (a route of an API only).
+    pub(crate) api_state: Option<crate::apis::Effective>,
 }
 
 const BODY_LIMIT_FOR_CLOSE: u64 = 0;
@@ -216,6 +220,7 @@ impl Gateway {
             Chain::new(&route.filters, &MetricsSink).local_reply(&mut resp, &mut ctx.req);
         }
         set_request_id(&mut resp, &ctx.req.request_id);
+        set_api_headers(&mut resp, ctx);
         if request_has_body(session) || reply.status.is_server_error() {
             // Never leave an unread body (or a doubtful connection) to be parsed as the next
             // request.
@@ -443,7 +448,15 @@ impl Gateway {
                 ));
             }
         };
-        let route = match table.lookup(host.as_deref(), &path, &ctx.req.method) {
+        let requested = table
+            .by_version()
+            .then(|| crate::apis::RequestedVersion::from_headers(&session.req_header().headers));
+        let route = match table.lookup_version(
+            host.as_deref(),
+            &path,
+            &ctx.req.method,
+            requested.as_ref(),
+        ) {
             RouteMatch::Found(r) => r.clone(),
             RouteMatch::MethodNotAllowed(r) => {
                 ctx.req.host().fhir_route = r.fhir;
@@ -474,6 +487,27 @@ impl Gateway {
         ctx.req.host().fhir_route = route.fhir;
         ctx.req.host().route = Some(route.name.clone());
         ctx.phi = route.phi;
+        // The API version's lifecycle: a retired version (by hand, or past its sunset date)
+        // answers 410 and names its successor.
+        if let Some(b) = &route.api {
+            let eff = b.lifecycle.evaluate(crate::apis::unix_now());
+            ctx.api_state = Some(eff);
+            metrics::API_REQUESTS
+                .with_label_values(&[&b.api, &b.version, eff.as_str(), b.environment.as_str()])
+                .inc();
+            if eff == crate::apis::Effective::Retired {
+                ctx.route = Some(route.clone());
+                Self::record_gateway_denial(ctx, "api_sunset");
+                let detail = match &b.lifecycle.successor_link {
+                    Some(s) => format!(
+                        "version {} of this API is retired; use its successor at {s}",
+                        b.version
+                    ),
+                    None => format!("version {} of this API is retired", b.version),
+                };
+                return Some(LocalReply::error(StatusCode::GONE, "api_sunset", detail));
+            }
+        }
         // FHIR routes, judged on the route the normalised path reached (the one the request
         // goes to): no path parameters and nothing but ASCII in the path.
         if route.fhir {
@@ -637,6 +671,39 @@ impl Gateway {
     /// An `hl7: true` route: the body is one HL7 v2 message, handled like one from an MLLP
     /// listener; the answer is its acknowledgement (the status says how it went, see
     /// [`crate::hl7gw::Outcome::http_status`]).
+    /// The developer portal's route: the Redoc page, the OpenAPI document, Redoc's files.
+    async fn portal(&self, session: &mut Session, ctx: &mut Ctx, route: &Route) -> Result<()> {
+        let rest = ctx
+            .req
+            .path
+            .strip_prefix(route.path_prefix.as_str())
+            .unwrap_or("")
+            .to_string();
+        let Some(p) = ctx.gen.portal.clone() else {
+            let reply = LocalReply::error(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                "no developer portal is configured",
+            );
+            return self.send_reply(session, ctx, reply).await;
+        };
+        let answer = p.respond(&rest);
+        let Ok(status) = StatusCode::from_u16(answer.status) else {
+            return Error::e_explain(ErrorType::InternalError, "portal status");
+        };
+        let reply = LocalReply {
+            status,
+            reason: if status.is_success() { "portal" } else { "route_not_found" },
+            detail: std::borrow::Cow::Borrowed(""),
+            headers: Vec::new(),
+            body: ReplyBody::Other(Box::new(caregate_filters::TypedBody {
+                content_type: answer.content_type,
+                body: answer.body,
+            })),
+        };
+        self.send_reply(session, ctx, reply).await
+    }
+
     async fn hl7_ingest(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let max = caregate_hl7::mllp::DEFAULT_MAX_FRAME;
         let mut body = Vec::new();
@@ -970,6 +1037,8 @@ impl Gateway {
             config: None,
             hl7: None,
             anomaly: None,
+            environment: (self.environment == caregate_filters::Environment::Sandbox)
+                .then(|| "sandbox".to_string()),
             break_glass: ctx
                 .req
                 .facts
@@ -997,6 +1066,7 @@ impl Gateway {
             ),
             _ => (None, None),
         };
+        let api = ctx.route.as_ref().and_then(|r| r.api.as_deref());
         let template = ctx.route.as_ref().map(|r| {
             if r.path_prefix == "/" {
                 "/*".to_string()
@@ -1028,6 +1098,11 @@ impl Gateway {
                 .get::<Principal>()
                 .and_then(|p| p.client_id.as_deref())
                 .map(|c| c.chars().take(128).collect::<String>()),
+            // The API version and its state at the time: `caregate usage` reads these.
+            "api": api.map(|b| &*b.api),
+            "api_version": api.map(|b| &*b.version),
+            "api_state": ctx.api_state.map(|s| s.as_str()),
+            "environment": self.environment.as_str(),
         })
         .to_string()
     }
@@ -1096,6 +1171,44 @@ fn set_identity_headers(req: &mut pingora::http::RequestHeader, ctx: &RequestCtx
     Ok(())
 }
 
+/// The lifecycle header fields of the request's API version (`Deprecation`, `Sunset`,
+/// `Link`), on every response of a deprecated, sunsetting or retired version.
+pub(crate) fn set_api_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
+    let (Some(route), Some(eff)) = (&ctx.route, ctx.api_state) else {
+        return;
+    };
+    let Some(b) = &route.api else { return };
+    for (name, value) in b.lifecycle.headers(eff) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            if name == "link" {
+                let _ = resp.append_header(name, v);
+            } else {
+                let _ = resp.insert_header(name, v);
+            }
+        }
+    }
+}
+
+/// A preview version serves only callers with one of its preview roles.
+fn preview_refusal(route: &Route, ctx: &mut Ctx) -> Option<LocalReply> {
+    let b = route.api.as_ref()?;
+    let roles = &b.lifecycle.preview_roles;
+    let allowed = ctx
+        .req
+        .facts
+        .get::<caregate_filters::identity::Principal>()
+        .is_some_and(|p| p.roles.iter().any(|r| roles.contains(r)));
+    if allowed {
+        return None;
+    }
+    Gateway::record_gateway_denial(ctx, "role_denied");
+    Some(LocalReply::error(
+        StatusCode::FORBIDDEN,
+        "role_denied",
+        "this API version is in preview, open to its preview roles only",
+    ))
+}
+
 pub(crate) fn set_request_id(resp: &mut ResponseHeader, id: &str) {
     if let Ok(v) = HeaderValue::from_str(id) {
         let _ = resp.insert_header("x-request-id", v);
@@ -1121,8 +1234,10 @@ impl ProxyHttp for Gateway {
     type CTX = Box<Ctx>;
 
     fn new_ctx(&self) -> Box<Ctx> {
+        let mut req = RequestCtx::new(self.listener.clone(), self.channel);
+        req.host().environment = self.environment;
         Box::new(Ctx {
-            req: RequestCtx::new(self.listener.clone(), self.channel),
+            req,
             gen: self.live.load_full(),
             _in_flight: crate::lifecycle::InFlight::enter(),
             route: None,
@@ -1144,6 +1259,7 @@ impl ProxyHttp for Gateway {
             upstream_ms: None,
             bulkhead: None,
             body_in: 0,
+            api_state: None,
         })
     }
 
@@ -1171,6 +1287,16 @@ impl ProxyHttp for Gateway {
             .await;
         if let Verdict::Reply(reply) = verdict {
             self.send_reply(session, ctx, reply).await?;
+            return Ok(true);
+        }
+        if ctx.api_state == Some(crate::apis::Effective::Preview) {
+            if let Some(reply) = preview_refusal(&route, ctx) {
+                self.send_reply(session, ctx, reply).await?;
+                return Ok(true);
+            }
+        }
+        if route.portal {
+            self.portal(session, ctx, &route).await?;
             return Ok(true);
         }
         if route.hl7 {
@@ -1360,6 +1486,7 @@ impl ProxyHttp for Gateway {
             }
         }
         set_request_id(upstream_response, &ctx.req.request_id);
+        set_api_headers(upstream_response, ctx);
         Ok(())
     }
 

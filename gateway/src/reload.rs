@@ -61,6 +61,8 @@ pub struct Generation {
     /// Each listener's certificate, key and client CAs (index = listener index; `None` without
     /// TLS), served to every new handshake.
     pub certs: Vec<Option<Arc<crate::tls_identity::ListenerCert>>>,
+    /// The developer portal (with `portal:` in the config).
+    pub portal: Option<Arc<crate::portal::PortalState>>,
 }
 
 /// The hex SHA-256 of a config text.
@@ -128,6 +130,14 @@ impl Generation {
                 }
             }
         }
+        let portal = match &cfg.portal {
+            Some(_) => {
+                let p = crate::portal::PortalState::build(&loaded)?;
+                tasks.push(p.clone() as Arc<dyn BackgroundTask>);
+                Some(p)
+            }
+            None => None,
+        };
         let mut tables = Vec::with_capacity(cfg.listeners.len());
         for (li, l) in cfg.listeners.iter().enumerate() {
             let listener_filters = loaded.listener_filters.get(li).cloned().unwrap_or_default();
@@ -136,7 +146,7 @@ impl Generation {
                 if r.listener != l.name {
                     continue;
                 }
-                let pool = if r.hl7 {
+                let pool = if r.hl7 || r.portal {
                     usize::MAX
                 } else {
                     *pool_index
@@ -153,6 +163,8 @@ impl Generation {
                     pool,
                     hl7: r.hl7,
                     upstream_prefix: r.upstream_prefix.clone(),
+                    api: r.api.clone(),
+                    portal: r.portal,
                     filters: listener_filters
                         .iter()
                         .cloned()
@@ -187,6 +199,7 @@ impl Generation {
                 tasks,
                 tasks_stop,
                 certs,
+                portal,
             },
             new_pools,
         ))

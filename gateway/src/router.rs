@@ -1,6 +1,7 @@
 //! Per-listener route tables. A listener's table holds only the routes configured for it, so an
 //! internal route can never be matched on the public listener, whatever the path or Host.
 
+use crate::apis::{ApiBinding, RequestedVersion, VersionSelect};
 use caregate_filters::Filter;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ pub struct Route {
     pub hl7: bool,
     pub upstream_prefix: Option<String>,
     pub filters: Vec<Arc<dyn Filter>>,
+    /// The API version this route serves (a copy of an API's route), if any.
+    pub api: Option<Arc<ApiBinding>>,
+    /// The developer portal's own route: answered by the gateway.
+    pub portal: bool,
 }
 
 impl Route {
@@ -39,6 +44,14 @@ impl Route {
         match path.strip_prefix(self.path_prefix.as_str()) {
             Some(rest) => rest.is_empty() || rest.starts_with('/'),
             None => false,
+        }
+    }
+
+    fn version_matches(&self, v: Option<&RequestedVersion>) -> bool {
+        match (&self.api, v) {
+            (None, _) => true,
+            (Some(b), Some(v)) => b.matches(v),
+            (Some(b), None) => b.matches(&RequestedVersion::default()),
         }
     }
 
@@ -89,6 +102,8 @@ pub struct RouteTable {
     by_host: HashMap<String, Vec<usize>>,
     /// Indexes of the host-less routes: the candidates for a host no route names.
     hostless: Vec<usize>,
+    /// Some route is chosen by the request's `API-Version` header or `Accept` version.
+    by_version: bool,
 }
 
 impl RouteTable {
@@ -118,10 +133,16 @@ impl RouteTable {
             list.sort_unstable();
             list.dedup();
         }
+        let by_version = routes.iter().any(|r| {
+            r.api
+                .as_ref()
+                .is_some_and(|b| b.select != VersionSelect::Path)
+        });
         RouteTable {
             routes,
             by_host,
             hostless,
+            by_version,
         }
     }
 
@@ -133,6 +154,17 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
+    /// Whether some route is chosen by the version a request names in a header (then pass
+    /// that version to [`RouteTable::lookup_version`]).
+    pub fn by_version(&self) -> bool {
+        self.by_version
+    }
+
+    /// Every route, longest prefix first.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
     /// Match a normalised path. `host` is the request host without port, lower-case.
     ///
     /// The most specific route for host and path decides: when its method list refuses the
@@ -140,6 +172,19 @@ impl RouteTable {
     /// method) are considered, never a shorter or looser route — otherwise a `DELETE` refused
     /// by a strict route would slip through to a permissive parent route.
     pub fn lookup(&self, host: Option<&str>, path: &str, method: &str) -> RouteMatch<'_> {
+        self.lookup_version(host, path, method, None)
+    }
+
+    /// [`RouteTable::lookup`], with the version the request names (`API-Version`, or the
+    /// `version` parameter of its `Accept` media type) choosing among the versions of an API
+    /// served at the same prefix. A request naming no version gets the API's default version.
+    pub fn lookup_version(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &str,
+        version: Option<&RequestedVersion>,
+    ) -> RouteMatch<'_> {
         let indexes = match host {
             Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
                 self.by_host.get(&h.to_ascii_lowercase())
@@ -151,7 +196,7 @@ impl RouteTable {
         let mut candidates = indexes
             .iter()
             .map(|&i| &self.routes[i])
-            .filter(|r| r.host_matches(host) && r.path_matches(path));
+            .filter(|r| r.host_matches(host) && r.path_matches(path) && r.version_matches(version));
         let Some(first) = candidates.next() else {
             return RouteMatch::NotFound;
         };
@@ -204,6 +249,8 @@ mod tests {
             hl7: false,
             upstream_prefix: None,
             filters: vec![],
+            api: None,
+            portal: false,
         })
     }
 

@@ -350,6 +350,7 @@ pub fn build_server(loaded: Loaded, opt: Opt, source: Source) -> Result<Built, S
             listener: Arc::from(l.name.as_str()),
             listener_index: li,
             channel: l.channel,
+            environment: l.environment,
             tls: l.tls.is_some(),
             live: live.clone(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),

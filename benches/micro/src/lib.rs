@@ -301,6 +301,8 @@ pub mod routes {
             hl7: false,
             upstream_prefix: None,
             filters,
+            api: None,
+            portal: false,
         })
     }
 

@@ -955,7 +955,7 @@ enum Command {
         #[arg(short, long, default_value = "conf/demo.yaml")]
         config: PathBuf,
         /// Where the demo keeps its issuer secret, audit key, audit trail and access log.
-        #[arg(long, default_value = crate::demo::DEFAULT_STATE_DIR)]
+        #[arg(long, global = true, default_value = crate::demo::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: Option<DemoCommand>,

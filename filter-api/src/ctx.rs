@@ -324,6 +324,9 @@ pub struct RequestInfo {
     pub environment: Environment,
     /// Name of the matched route (`None` until routing, or when nothing matched).
     pub route: Option<Arc<str>>,
+    /// The API and version the matched route serves (`apis:` in the gateway config), if any:
+    /// `(api, version)`.
+    pub api_version: Option<(Arc<str>, Arc<str>)>,
     /// Whether the matched route serves FHIR (its errors are OperationOutcomes).
     pub fhir_route: bool,
     /// The real client address (the peer, or the forwarded client behind a trusted proxy).
@@ -415,6 +418,7 @@ impl RequestCtx {
                 channel,
                 environment: Environment::Production,
                 route: None,
+                api_version: None,
                 fhir_route: false,
                 client_addr: None,
                 method: String::new(),

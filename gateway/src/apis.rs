@@ -444,8 +444,7 @@ fn valid_version_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -607,7 +606,11 @@ pub fn expand(
             }
             if let Some(sb) = &api.sandbox {
                 if sb.listener != r.listener {
-                    copies.push((sb.listener.clone(), Some(sb.pool.as_str()), Environment::Sandbox));
+                    copies.push((
+                        sb.listener.clone(),
+                        Some(sb.pool.as_str()),
+                        Environment::Sandbox,
+                    ));
                 }
             }
             for (listener, sandbox_pool, environment) in copies {
@@ -680,8 +683,22 @@ mod tests {
         assert_eq!(parse_time("1994-11-06T09:49:37+01:00"), Ok(784_111_777));
         assert_eq!(parse_time("1994-11-06T08:49:37.250Z"), Ok(784_111_777));
         assert_eq!(http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(http_date(parse_time("2024-02-29").unwrap_or(0)), "Thu, 29 Feb 2024 00:00:00 GMT");
-        for bad in ["", "2024-02-30", "2023-02-29", "24-01-01", "2024-13-01", "2024-01-01T25:00:00Z", "2024-01-01T10:00:00", "2024-01-01 10:00:00Z", "2024-01-01T10:00:00+0100", "２０２４-01-01"] {
+        assert_eq!(
+            http_date(parse_time("2024-02-29").unwrap_or(0)),
+            "Thu, 29 Feb 2024 00:00:00 GMT"
+        );
+        for bad in [
+            "",
+            "2024-02-30",
+            "2023-02-29",
+            "24-01-01",
+            "2024-13-01",
+            "2024-01-01T25:00:00Z",
+            "2024-01-01T10:00:00",
+            "2024-01-01 10:00:00Z",
+            "2024-01-01T10:00:00+0100",
+            "２０２４-01-01",
+        ] {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
     }
@@ -717,13 +734,27 @@ mod tests {
             "<https://dev.example.org/v1>; rel=\"deprecation\"; type=\"text/html\", <https://dev.example.org/policy>; rel=\"sunset\"; type=\"text/html\", </v2/fhir>; rel=\"successor-version\""
         );
         // Announced before the date: a future Deprecation date is already sent.
-        assert_eq!(v.headers(Effective::Live)[0], ("deprecation", format!("@{dep}")));
+        assert_eq!(
+            v.headers(Effective::Live)[0],
+            ("deprecation", format!("@{dep}"))
+        );
         // Retired by hand: 410 whatever the dates.
-        assert_eq!(lc(LifecycleState::Retired, None, None).evaluate(0), Effective::Retired);
+        assert_eq!(
+            lc(LifecycleState::Retired, None, None).evaluate(0),
+            Effective::Retired
+        );
         // A live version without dates sends nothing.
-        assert!(lc(LifecycleState::Live, None, None).headers(Effective::Live).is_empty());
-        assert_eq!(lc(LifecycleState::Draft, None, Some(sunset)).evaluate(sunset), Effective::Retired);
-        assert_eq!(lc(LifecycleState::Preview, None, None).evaluate(0), Effective::Preview);
+        assert!(lc(LifecycleState::Live, None, None)
+            .headers(Effective::Live)
+            .is_empty());
+        assert_eq!(
+            lc(LifecycleState::Draft, None, Some(sunset)).evaluate(sunset),
+            Effective::Retired
+        );
+        assert_eq!(
+            lc(LifecycleState::Preview, None, None).evaluate(0),
+            Effective::Preview
+        );
     }
 
     #[test]
@@ -732,7 +763,9 @@ mod tests {
         h.insert("api-version", http::HeaderValue::from_static(" v2 "));
         h.append(
             http::header::ACCEPT,
-            http::HeaderValue::from_static("text/html, application/fhir+json; fhirVersion=4.0; Version=\"v3\""),
+            http::HeaderValue::from_static(
+                "text/html, application/fhir+json; fhirVersion=4.0; Version=\"v3\"",
+            ),
         );
         let r = RequestedVersion::from_headers(&h);
         assert_eq!(r.header.as_deref(), Some("v2"));

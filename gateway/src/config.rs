@@ -937,12 +937,9 @@ fn expand(c: &mut Config) -> Result<(), ConfigError> {
         list.iter().find(|(x, _)| x == n).map(|(_, e)| *e)
     };
     let routes = std::mem::take(&mut c.routes);
-    c.routes = crate::apis::expand(
-        &c.apis,
-        routes,
-        &|n| find(&listeners, n),
-        &|n| find(&pools, n),
-    )?;
+    c.routes = crate::apis::expand(&c.apis, routes, &|n| find(&listeners, n), &|n| {
+        find(&pools, n)
+    })?;
     if let Some(p) = &c.portal {
         c.routes.push(p.route()?);
     }
@@ -1308,12 +1305,13 @@ pub fn validate_with(
                 "{at}.pool: `{}` is an MLLP pool; HTTP routes need an HTTP pool",
                 r.pool
             ));
-        } else if c.listeners.iter().any(|l| {
-            l.name == r.listener && l.environment == Environment::Sandbox
-        }) && c
-            .pools
+        } else if c
+            .listeners
             .iter()
-            .any(|p| p.name == r.pool && p.environment != Environment::Sandbox)
+            .any(|l| l.name == r.listener && l.environment == Environment::Sandbox)
+            && c.pools
+                .iter()
+                .any(|p| p.name == r.pool && p.environment != Environment::Sandbox)
         {
             return err(format!(
                 "{at}.pool: `{}` is a production pool and `{}` a sandbox listener: sandbox traffic never reaches production pools (set `environment: sandbox` on a sandbox pool)",

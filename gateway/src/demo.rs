@@ -175,7 +175,11 @@ fn patient_ids(dir: &Path) -> Vec<(String, String)> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
         };
-        let entries = v.get("entry").and_then(|e| e.as_array()).cloned().unwrap_or_default();
+        let entries = v
+            .get("entry")
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default();
         let of_type = |t: &str| {
             entries
                 .iter()
@@ -296,12 +300,14 @@ Stop with Ctrl-C.
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn state_is_created_once_and_tokens_verify() {
-        let dir = std::env::temp_dir().join(format!("caregate-demo-test-{}", rand::random::<u64>()));
+        let dir =
+            std::env::temp_dir().join(format!("caregate-demo-test-{}", rand::random::<u64>()));
         assert!(DemoState::open(&dir, false).is_err());
         let s = DemoState::open(&dir, true).unwrap();
         let again = DemoState::open(&dir, false).unwrap();

@@ -48,8 +48,8 @@ pub mod router;
 pub mod sandbox_server;
 pub mod server;
 pub mod tls_identity;
-pub mod usage;
 pub mod upstream;
+pub mod usage;
 
 pub use cli::{App, AppBuilder, FilterBuilder, RegistrationError};
 

@@ -451,45 +451,43 @@ impl Gateway {
         let requested = table
             .by_version()
             .then(|| crate::apis::RequestedVersion::from_headers(&session.req_header().headers));
-        let route = match table.lookup_version(
-            host.as_deref(),
-            &path,
-            &ctx.req.method,
-            requested.as_ref(),
-        ) {
-            RouteMatch::Found(r) => r.clone(),
-            RouteMatch::MethodNotAllowed(r) => {
-                ctx.req.host().fhir_route = r.fhir;
-                ctx.req.host().route = Some(r.name.clone());
-                ctx.phi = r.phi;
-                Self::record_gateway_denial(ctx, "method_not_allowed");
-                let allow = r.methods.join(", ");
-                let mut reply = LocalReply::error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "this method is not allowed on this route",
-                );
-                if let Ok(v) = HeaderValue::from_str(&allow) {
-                    reply = reply.with_header(header::ALLOW, v);
+        let route =
+            match table.lookup_version(host.as_deref(), &path, &ctx.req.method, requested.as_ref())
+            {
+                RouteMatch::Found(r) => r.clone(),
+                RouteMatch::MethodNotAllowed(r) => {
+                    ctx.req.host().fhir_route = r.fhir;
+                    ctx.req.host().route = Some(r.name.clone());
+                    ctx.phi = r.phi;
+                    Self::record_gateway_denial(ctx, "method_not_allowed");
+                    let allow = r.methods.join(", ");
+                    let mut reply = LocalReply::error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        "this method is not allowed on this route",
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&allow) {
+                        reply = reply.with_header(header::ALLOW, v);
+                    }
+                    return Some(reply);
                 }
-                return Some(reply);
-            }
-            RouteMatch::NotFound => {
-                ctx.req.host().fhir_route = false;
-                Self::record_gateway_denial(ctx, "route_not_found");
-                return Some(LocalReply::error(
-                    StatusCode::NOT_FOUND,
-                    "route_not_found",
-                    "no route serves this path on this listener",
-                ));
-            }
-        };
+                RouteMatch::NotFound => {
+                    ctx.req.host().fhir_route = false;
+                    Self::record_gateway_denial(ctx, "route_not_found");
+                    return Some(LocalReply::error(
+                        StatusCode::NOT_FOUND,
+                        "route_not_found",
+                        "no route serves this path on this listener",
+                    ));
+                }
+            };
         ctx.req.host().fhir_route = route.fhir;
         ctx.req.host().route = Some(route.name.clone());
         ctx.phi = route.phi;
         // The API version's lifecycle: a retired version (by hand, or past its sunset date)
         // answers 410 and names its successor.
         if let Some(b) = &route.api {
+            ctx.req.host().api_version = Some((b.api.clone(), b.version.clone()));
             let eff = b.lifecycle.evaluate(crate::apis::unix_now());
             ctx.api_state = Some(eff);
             metrics::API_REQUESTS
@@ -693,7 +691,11 @@ impl Gateway {
         };
         let reply = LocalReply {
             status,
-            reason: if status.is_success() { "portal" } else { "route_not_found" },
+            reason: if status.is_success() {
+                "portal"
+            } else {
+                "route_not_found"
+            },
             detail: std::borrow::Cow::Borrowed(""),
             headers: Vec::new(),
             body: ReplyBody::Other(Box::new(caregate_filters::TypedBody {

@@ -130,6 +130,18 @@ impl Generation {
                 }
             }
         }
+        // Every API version's series exists from the start (at its state now), for dashboards.
+        let now = crate::apis::unix_now();
+        for r in &cfg.routes {
+            if let Some(b) = &r.api {
+                metrics::API_REQUESTS.with_label_values(&[
+                    &b.api,
+                    &b.version,
+                    b.lifecycle.evaluate(now).as_str(),
+                    b.environment.as_str(),
+                ]);
+            }
+        }
         let portal = match &cfg.portal {
             Some(_) => {
                 let p = crate::portal::PortalState::build(&loaded)?;

@@ -154,12 +154,7 @@ pub fn run(args: &UsageArgs) -> ExitCode {
             }
         }
     }
-    let report = scan(
-        all_lines.into_iter(),
-        !args.all,
-        args.api.as_deref(),
-        since,
-    );
+    let report = scan(all_lines.into_iter(), !args.all, args.api.as_deref(), since);
     if args.format == "json" {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -178,7 +173,10 @@ pub fn run(args: &UsageArgs) -> ExitCode {
     if report.usage.is_empty() {
         println!("No calls to {what} in {} access-log lines.", report.lines);
     } else {
-        println!("Calls to {what}, by client ({} access-log lines):", report.lines);
+        println!(
+            "Calls to {what}, by client ({} access-log lines):",
+            report.lines
+        );
         println!(
             "{:<20} {:<10} {:<11} {:<32} {:>8} {:>8}  LAST CALL",
             "API", "VERSION", "STATE", "CLIENT ID", "CALLS", "410s"
@@ -234,18 +232,37 @@ mod tests {
         let got: Vec<(&str, Option<&str>, u64, u64)> = r
             .usage
             .iter()
-            .map(|u| (u.version.as_str(), u.client_id.as_deref(), u.calls, u.refused_sunset))
+            .map(|u| {
+                (
+                    u.version.as_str(),
+                    u.client_id.as_deref(),
+                    u.calls,
+                    u.refused_sunset,
+                )
+            })
             .collect();
         assert_eq!(
             got,
-            vec![("v0", Some("ancient"), 1, 1), ("v1", Some("old-mobile"), 2, 0), ("v1", Some("kiosk"), 1, 0)]
+            vec![
+                ("v0", Some("ancient"), 1, 1),
+                ("v1", Some("old-mobile"), 2, 0),
+                ("v1", Some("kiosk"), 1, 0)
+            ]
         );
         assert_eq!(r.usage[1].first, "2026-01-01T10:00:00.000Z");
         assert_eq!(r.usage[1].last, "2026-01-02T10:00:00.000Z");
         // --all keeps the live version; --since drops the older calls.
-        assert_eq!(scan(lines.clone().into_iter(), false, None, None).usage.len(), 4);
+        assert_eq!(
+            scan(lines.clone().into_iter(), false, None, None)
+                .usage
+                .len(),
+            4
+        );
         let since = crate::apis::parse_time("2026-01-02").ok();
         let r = scan(lines.into_iter(), true, Some("patient-api"), since);
-        assert_eq!(r.usage.iter().find(|u| u.version == "v1").map(|u| u.calls), Some(1));
+        assert_eq!(
+            r.usage.iter().find(|u| u.version == "v1").map(|u| u.calls),
+            Some(1)
+        );
     }
 }

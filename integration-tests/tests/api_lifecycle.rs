@@ -53,8 +53,13 @@ fn rfc3339(secs: u64) -> String {
 
 #[test]
 fn versions_move_through_their_lifecycle_and_sandboxes_stay_apart() {
-    let (public, sandbox, admin, sb_prod, sb_sbx) =
-        (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (public, sandbox, admin, sb_prod, sb_sbx) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let dir = TempDir::new("api-lifecycle");
     let access = dir.0.join("access.jsonl");
     let audit = dir.0.join("audit.jsonl");
@@ -203,7 +208,10 @@ routes:
     );
     assert_eq!(r.status, 200);
     assert!(r.header("deprecation").is_some());
-    assert!(r.header("link").unwrap_or("").contains("</h/fhir>; rel=\"successor-version\""));
+    assert!(r
+        .header("link")
+        .unwrap_or("")
+        .contains("</h/fhir>; rel=\"successor-version\""));
     let r = request(
         p,
         "GET",
@@ -219,22 +227,27 @@ routes:
         assert_eq!(r.status, 200);
         assert!(r.header("sunset").is_some());
     }
-    wait_until("v5 retired by its sunset date", Duration::from_secs(15), || {
-        call(p, "/v5/fhir/Patient?_count=1", &new_app).status == 410
-    });
+    wait_until(
+        "v5 retired by its sunset date",
+        Duration::from_secs(15),
+        || call(p, "/v5/fhir/Patient?_count=1", &new_app).status == 410,
+    );
 
     // Metrics count calls per API, version, state and environment.
     let m = gw.metrics();
     assert!(
-        m.lines().any(|l| l.starts_with("caregate_api_requests_total{")
-            && l.contains("api=\"patient-api\"")
-            && l.contains("version=\"v1\"")
-            && l.contains("state=\"deprecated\"")
-            && l.contains("environment=\"production\"")),
+        m.lines()
+            .any(|l| l.starts_with("caregate_api_requests_total{")
+                && l.contains("api=\"patient-api\"")
+                && l.contains("version=\"v1\"")
+                && l.contains("state=\"deprecated\"")
+                && l.contains("environment=\"production\"")),
         "{m}"
     );
-    assert!(m.lines().any(|l| l.starts_with("caregate_api_requests_total{")
-        && l.contains("environment=\"sandbox\"")));
+    assert!(m
+        .lines()
+        .any(|l| l.starts_with("caregate_api_requests_total{")
+            && l.contains("environment=\"sandbox\"")));
 
     gw.sigterm_and_wait();
 
@@ -244,14 +257,15 @@ routes:
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let sandbox_lines: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| l["listener"] == "try")
-        .collect();
+    let sandbox_lines: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["listener"] == "try").collect();
     assert!(sandbox_lines.len() >= 3);
     for l in &sandbox_lines {
         assert_eq!(l["environment"], "sandbox");
-        assert_ne!(l["pool"], "fhir", "sandbox traffic reached a production pool: {l}");
+        assert_ne!(
+            l["pool"], "fhir",
+            "sandbox traffic reached a production pool: {l}"
+        );
     }
     assert!(sandbox_lines.iter().any(|l| l["pool"] == "fhir-sbx"));
     // The audit trail labels sandbox records.
@@ -282,11 +296,17 @@ routes:
             )
         })
         .collect();
-    assert!(users.contains(&("v1".into(), "old-mobile-app".into())), "{users:?}");
+    assert!(
+        users.contains(&("v1".into(), "old-mobile-app".into())),
+        "{users:?}"
+    );
     // A retired version answers 410 before any credential is looked at: those calls are
     // counted without a client id.
     assert!(users.contains(&("v0".into(), String::new())), "{users:?}");
-    assert!(users.contains(&("r2".into(), "old-mobile-app".into())), "{users:?}");
+    assert!(
+        users.contains(&("r2".into(), "old-mobile-app".into())),
+        "{users:?}"
+    );
     assert!(
         !users.iter().any(|(_, c)| c == "new-app" || c == "beta-app"),
         "only calls to live versions: {users:?}"
@@ -296,7 +316,10 @@ routes:
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("old-mobile-app") && text.contains("patient-api"), "{text}");
+    assert!(
+        text.contains("old-mobile-app") && text.contains("patient-api"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -319,5 +342,8 @@ routes: [ { name: r, listener: try, path_prefix: /fhir, pool: fhir } ]
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("sandbox traffic never reaches production pools"), "{err}");
+    assert!(
+        err.contains("sandbox traffic never reaches production pools"),
+        "{err}"
+    );
 }

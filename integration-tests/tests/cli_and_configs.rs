@@ -13,6 +13,16 @@ fn check(path: &std::path::Path) -> (bool, String) {
             "an-example-audit-key-of-at-least-32-bytes",
         )
         .env("CAREGATE_RATELIMIT_KEY", "an-example-rate-limit-key")
+        // What `caregate demo` sets for conf/demo.yaml.
+        .env("CAREGATE_DEMO_STATE", std::env::temp_dir())
+        .env(
+            "CAREGATE_DEMO_TOKEN_SECRET",
+            "an-example-demo-token-secret-0123456789",
+        )
+        .env(
+            "CAREGATE_DEMO_AUDIT_KEY",
+            "an-example-demo-audit-key-0123456789abcd",
+        )
         .output()
         .unwrap();
     (

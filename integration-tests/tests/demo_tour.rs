@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 #[test]
 fn every_request_the_demo_prints_answers_as_the_banner_says() {
     let root = repo_root();
-    let (public, internal, admin, za, zb) =
-        (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (public, internal, admin, za, zb) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let dir = TempDir::new("demo-tour");
     let state = dir.0.join("state");
     // The shipped demo config, on free ports, with its relative folders made absolute.

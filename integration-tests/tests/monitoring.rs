@@ -62,6 +62,8 @@ pools:
 hl7:
   listeners: [ {{ name: hl7-internal, listen: "127.0.0.1:{mllp}" }} ]
   routes: [ {{ name: adt, listener: hl7-internal, message_types: [ "ADT^A01" ], pool: lab, ack_timeout_ms: 2000 }} ]
+apis:
+  - {{ name: lab-api, versioning: header, default_version: v1, routes: [limited], versions: [ {{ name: v1, state: live }} ] }}
 routes:
   - name: fhir
     listener: public

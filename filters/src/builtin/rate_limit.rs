@@ -714,22 +714,6 @@ pub fn build(
     }))
 }
 
-/// The API version of a request until the gateway provides it as a fact: the first path
-/// segment when it looks like `v1`, `v2`, ... (routes are matched by such prefixes), else
-/// `none`.
-fn api_version(path: &str) -> &str {
-    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    let looks = first.len() > 1
-        && first.len() <= 16
-        && (first.starts_with('v') || first.starts_with('V'))
-        && first[1..].bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    if looks {
-        first
-    } else {
-        "none"
-    }
-}
-
 /// What refused a request.
 struct Refusal {
     limit: usize,
@@ -761,7 +745,10 @@ impl RateLimitFilter {
                         .or_else(|| principal.and_then(|p| p.tenant.clone())),
                     KeyPart::Patient => principal.and_then(|p| p.patient.clone()),
                     KeyPart::Route => Some(ctx.route.as_deref().unwrap_or("none").to_string()),
-                    KeyPart::ApiVersion => Some(api_version(&ctx.path).to_string()),
+                    KeyPart::ApiVersion => Some(match &ctx.api_version {
+                        Some((api, version)) => format!("{api}/{version}"),
+                        None => "none".to_string(),
+                    }),
                     KeyPart::ClientAddr => Some(addr()),
                 };
                 match value {
@@ -1112,6 +1099,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_api_version_key_counts_each_version_apart() {
+        let h = harness(
+            "- kind: rate_limit\n  config:\n    limits:\n      - { name: per-version, key: [api_version], rate: 1, per_seconds: 60 }\n",
+        );
+        let version = |v: &str| Some((Arc::from("patient-api"), Arc::from(v)));
+        let mut a = h.request("GET", "/v1/fhir/Patient");
+        a.ctx.host().api_version = version("v1");
+        assert!(a.run_request().await.is_continue());
+        a.logging();
+        // Another version has its own bucket; the same version again is refused.
+        let mut b = h.request("GET", "/v2/fhir/Patient");
+        b.ctx.host().api_version = version("v2");
+        assert!(b.run_request().await.is_continue());
+        b.logging();
+        let mut c = h.request("GET", "/v1/fhir/Observation");
+        c.ctx.host().api_version = version("v1");
+        assert_eq!(c.run_request().await.status(), Some(429));
+        c.logging();
+    }
+
+    #[tokio::test]
     async fn burst_then_429_with_headers() {
         let h = harness(
             "- kind: rate_limit\n  config:\n    limits:\n      - { name: per-addr, key: [client_addr], rate: 2, per_seconds: 60 }\n",
@@ -1415,12 +1423,5 @@ mod tests {
         )
         .unwrap();
         assert!(redis.background().is_some());
-    }
-
-    #[test]
-    fn api_version_from_the_path() {
-        assert_eq!(api_version("/v2/fhir/Patient"), "v2");
-        assert_eq!(api_version("/fhir/Patient"), "none");
-        assert_eq!(api_version("/"), "none");
     }
 }

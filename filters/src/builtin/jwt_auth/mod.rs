@@ -400,11 +400,7 @@ impl Filter for JwtAuthFilter {
                         }
                         None => {
                             keys::TOKEN_CACHE.with_label_values(&["miss"]).inc();
-                            match self
-                                .set
-                                .verify(&token, self.max_token_bytes, allowed)
-                                .await
-                            {
+                            match self.set.verify(&token, self.max_token_bytes, allowed).await {
                                 Ok((p, idx, kid, exp)) => {
                                     self.set.cache.insert(key, p.clone(), exp, idx, kid, now);
                                     p

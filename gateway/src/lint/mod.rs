@@ -299,7 +299,9 @@ fn lint_text_with(
         ));
     }
     let positions = Positions::parse(&sub.text);
-    let findings = match crate::config::load_str_with(&sub.text, base_dir, registry) {
+    // Offline: the certificate, key and CA files the config names are not read (a CI job
+    // has none of the production ones; `check` on the host reads them).
+    let findings = match crate::config::load_str_offline(&sub.text, base_dir, registry) {
         Err(e) => {
             let message = sub.redact(&e.0);
             let (place, at) = load::place_of_error(&message, &sub.text, &positions);

@@ -88,6 +88,7 @@ pub fn record(i: u64) -> AuditRecord {
         hl7: None,
         anomaly: None,
         break_glass: None,
+        environment: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn record(ctx: &RequestCtx, phase: Phase, status: Option<u16>) -> AuditRecord {
         hl7: None,
         anomaly: None,
         break_glass: None,
+        environment: None,
     }
 }
 

@@ -50,6 +50,14 @@ RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
     && cargo build --release --locked -p caregate --features otlp \
     && ./target/release/caregate --version
 
+# ---- redoc: the developer portal's Redoc bundle, from the npm registry, pinned by
+# ---- portal/package-lock.json (served by the gateway, never from a CDN; docs/portal.md).
+FROM node:20.19.0-bookworm-slim AS redoc
+WORKDIR /portal
+COPY portal/package.json portal/package-lock.json ./
+RUN npm ci --no-audit --no-fund --loglevel=error \
+    && test -f node_modules/redoc/bundles/redoc.standalone.js
+
 # ---- runtime
 FROM debian:12.11-slim
 # ca-certificates: OIDC discovery, JWKS and OTLP over HTTPS. Directories the process writes are
@@ -67,6 +75,8 @@ COPY --from=build /src/target/release/caregate /usr/local/bin/caregate
 # The example configs (and the demo's synthetic data), for reference; mount your own config at
 # /etc/caregate/caregate.yaml.
 COPY --from=build /src/conf /usr/share/caregate/conf
+# Redoc for the developer portal: set `portal.redoc_dir: /usr/share/caregate/redoc`.
+COPY --from=redoc /portal/node_modules/redoc/bundles /usr/share/caregate/redoc
 USER 10001:10001
 VOLUME ["/etc/caregate", "/var/log/caregate", "/run/caregate"]
 # The listeners of conf/caregate.example.yaml: public 8443, internal 9443. The admin listener

@@ -3,6 +3,9 @@
 # toolchain and perl (vendored OpenSSL), pkg-config, curl and openssl (TLS tests), Node.js and npm
 # (the OpenID provider and the FHIR schema validator the tests run), their npm packages, and
 # the fhirpy client and the HL7 v2 peers (python-hl7, hl7apy) in Python virtual environments.
+#   --with-portal      also installs Redoc (npm, into portal/node_modules) for the developer portal
+#   --with-test-peers  also installs the test peers, Redoc, and the portal test's peers
+#                      (openapi-spec-validator, schemathesis; Chromium comes from .ci/run or apt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -19,7 +22,23 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
+# Redoc for the developer portal's page, from the npm registry (pinned by portal/package-lock.json).
+install_portal() {
+  if [ -f portal/package-lock.json ]; then
+    npm ci --prefix portal --no-audit --no-fund --loglevel=error
+  else
+    npm install --prefix portal --no-audit --no-fund --loglevel=error
+  fi
+}
+if [ "${1:-}" = "--with-portal" ]; then
+  install_portal
+fi
 if [ "${1:-}" = "--with-test-peers" ]; then
+  install_portal
+  # The developer portal's peers: openapi-spec-validator and schemathesis (integration-tests/tests/portal.rs).
+  venv=integration-tests/peers/portal/.venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r integration-tests/peers/portal/requirements.txt
   for peer in integration-tests/peers/oidc integration-tests/peers/fhir-schema; do
     npm ci --prefix "$peer" --no-audit --no-fund --loglevel=error
   done

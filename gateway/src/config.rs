@@ -1253,6 +1253,7 @@ pub fn validate_with(
         a.validate().map_err(ConfigError)?;
     }
     crate::hl7gw::config::validate(c, base_dir).map_err(ConfigError)?;
+    crate::portal::validate(c, base_dir).map_err(ConfigError)?;
     c.unusual_access.validate().map_err(ConfigError)?;
     if let Some(o) = &c.otlp {
         o.validate().map_err(ConfigError)?;

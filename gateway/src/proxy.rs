@@ -204,7 +204,13 @@ impl Gateway {
             }
             ReplyBody::Other(typed) => {
                 resp.insert_header(header::CONTENT_TYPE, typed.content_type)?;
-                resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                if !reply
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n == header::CACHE_CONTROL)
+                {
+                    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                }
                 typed.body
             }
         };
@@ -697,7 +703,16 @@ impl Gateway {
                 "route_not_found"
             },
             detail: std::borrow::Cow::Borrowed(""),
-            headers: Vec::new(),
+            headers: answer
+                .headers
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((
+                        http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+                        HeaderValue::from_str(value).ok()?,
+                    ))
+                })
+                .collect(),
             body: ReplyBody::Other(Box::new(caregate_filters::TypedBody {
                 content_type: answer.content_type,
                 body: answer.body,

@@ -154,6 +154,57 @@ fn parse_ref(v: &str, type_modifier: Option<&str>, base: &str) -> RefQuery {
     }
 }
 
+/// Whether `s` is a FHIR date search value (after its prefix):
+/// `YYYY[-MM[-DD[Thh:mm[:ss[.fff]][Z|+hh:mm|-hh:mm]]]]`. Anything else is a 400, never a
+/// search that silently matches nothing.
+fn is_search_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |from: usize, n: usize| {
+        b.get(from..from + n)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    if !digits(0, 4) {
+        return false;
+    }
+    // Date part: YYYY, YYYY-MM or YYYY-MM-DD.
+    let mut i = 4;
+    for _ in 0..2 {
+        if i == b.len() {
+            return true;
+        }
+        if b[i] != b'-' || !digits(i + 1, 2) {
+            return false;
+        }
+        i += 3;
+    }
+    if i == b.len() {
+        return true;
+    }
+    // Time part (only after a full date): Thh:mm[:ss[.f{1,9}]].
+    if b[i] != b'T' || !digits(i + 1, 2) || b.get(i + 3) != Some(&b':') || !digits(i + 4, 2) {
+        return false;
+    }
+    i += 6;
+    if b.get(i) == Some(&b':') {
+        if !digits(i + 1, 2) {
+            return false;
+        }
+        i += 3;
+        if b.get(i) == Some(&b'.') {
+            let n = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if !(1..=9).contains(&n) {
+                return false;
+            }
+            i += 1 + n;
+        }
+    }
+    match &b[i..] {
+        [] | [b'Z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        _ => false,
+    }
+}
+
 fn parse_date(v: &str) -> Result<Criterion, Fail> {
     // A literal '+' in a time zone may have arrived as a space.
     let v = v.trim().replace(' ', "+");
@@ -166,12 +217,7 @@ fn parse_date(v: &str) -> Result<Criterion, Fail> {
         Some("ge") => (DateOp::Ge, &v[2..]),
         _ => (DateOp::Eq, v.as_str()),
     };
-    let ok = rest.len() >= 4
-        && rest.as_bytes().first().is_some_and(u8::is_ascii_digit)
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'T' | b'.' | b'+' | b'Z'));
-    if !ok {
+    if !is_search_date(rest) {
         return Err(Fail::bad_request(format!(
             "invalid date search value '{v}'"
         )));
@@ -849,6 +895,39 @@ pub(crate) fn everything(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn search_dates_follow_the_fhir_grammar() {
+        for ok in [
+            "2020",
+            "2020-01",
+            "2020-01-31",
+            "2020-01-31T10:00",
+            "2020-01-31T10:00:05",
+            "2020-01-31T10:00:05.123Z",
+            "2020-01-31T10:00+01:00",
+        ] {
+            assert!(is_search_date(ok), "{ok}");
+            assert!(parse_date(&format!("ge{ok}")).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "202",
+            "1234Z",
+            "2020-1",
+            "2020-01-",
+            "2020T10:00",
+            "2020-01-31T10",
+            "2020-01-31T10:00:05.",
+            "2020-01-31T10:00+0100",
+            "20200131",
+            "2020-01-31Z",
+            "ap2020",
+        ] {
+            assert!(!is_search_date(bad), "{bad}");
+            assert!(parse_date(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn escaped_split() {

@@ -5,7 +5,7 @@
 # the fhirpy client and the HL7 v2 peers (python-hl7, hl7apy) in Python virtual environments.
 #   --with-portal      also installs Redoc (npm, into portal/node_modules) for the developer portal
 #   --with-test-peers  also installs the test peers, Redoc, and the portal test's peers
-#                      (openapi-spec-validator, schemathesis; Chromium comes from .ci/run or apt)
+#                      (openapi-spec-validator, schemathesis, Debian's chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -16,6 +16,10 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# Headless Chromium renders the developer portal's Redoc page (integration-tests/tests/portal.rs).
+if [ "${1:-}" = "--with-test-peers" ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

@@ -263,6 +263,8 @@ sandbox issuer. Try, in another terminal, from this folder (each line says what 
   curl -s {code} -H "Authorization: Bearer $PATIENT" http://{public}/v2/fhir/Patient/{p1}   # expect: 200
   curl -s {code} -H "Authorization: Bearer $PATIENT" http://{public}/v2/fhir/Observation/{o2}   # expect: 404
   curl -s -H "Authorization: Bearer $PATIENT" http://{public}/v2/fhir/Patient/{p2}   # expect: patient_compartment
+  # its searches (scoped to its patient) page through the gateway: the links name this version's base
+  curl -s -H "Authorization: Bearer $PATIENT" 'http://{public}/v2/fhir/Observation?patient={p1}&_count=2' | grep -o '"relation":"next","url":"[^"]*' | head -n 1   # expect: http://{public}/v2/fhir/Observation
   # no token, and a token whose scopes do not cover Patient
   curl -s {code} http://{public}/v2/fhir/Patient/{p1}   # expect: 401
   curl -s -H "Authorization: Bearer $NARROW" http://{public}/v2/fhir/Patient/{p1}   # expect: insufficient_scope

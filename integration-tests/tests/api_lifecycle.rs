@@ -249,6 +249,23 @@ routes:
         .any(|l| l.starts_with("caregate_api_requests_total{")
             && l.contains("environment=\"sandbox\"")));
 
+    // A lifecycle change is a reload, not a restart: v2 retired by hand answers 410 at once.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let retired = text.replace(
+        "{ name: v2, state: live }",
+        "{ name: v2, state: retired, successor: v1 }",
+    );
+    assert_ne!(text, retired);
+    std::fs::write(&gw.config_path, retired).unwrap();
+    let r = request(gw.admin, "POST", "/reload", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(p, "/v2/fhir/Patient?_count=1", &new_app);
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert!(r
+        .header("link")
+        .unwrap_or("")
+        .contains("</v1/fhir>; rel=\"successor-version\""));
+
     gw.sigterm_and_wait();
 
     // The access log: sandbox traffic is labelled and never went to the production pool.

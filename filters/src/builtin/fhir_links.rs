@@ -7,6 +7,9 @@
 //!     public_base: https://api.example-hospital.org/fhir   # the route as clients reach it
 //!     max_body_bytes: 33554432
 //! ```
+//! Or, instead of `public_base`, `public_origin: https://api.example-hospital.org`: the public
+//! base is then that origin followed by the FHIR base of the route each request came by (its
+//! `path_prefix`), so one filter serves every version of an API (`/v1/fhir`, `/v2/fhir`).
 //! In JSON response bodies every string value that starts with `backend_base` (followed by `/`,
 //! `?`, `#` or the end of the string) is rewritten to start with `public_base` — `Bundle.link.url`,
 //! `entry.fullUrl`, and absolute references alike. `Location` and `Content-Location` headers are
@@ -29,7 +32,13 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub struct FhirLinksConfig {
     pub backend_base: String,
-    pub public_base: String,
+    /// The route as clients reach it (an http(s) URL with the route's path).
+    #[serde(default)]
+    pub public_base: Option<String>,
+    /// Or: the scheme and authority clients reach the gateway at; the path is the FHIR base of
+    /// the route each request came by.
+    #[serde(default)]
+    pub public_origin: Option<String>,
     #[serde(default = "d_max")]
     pub max_body_bytes: usize,
 }
@@ -40,14 +49,24 @@ fn d_max() -> usize {
 
 pub struct FhirLinksFilter {
     backend: String,
-    public: String,
+    public: Public,
     max: usize,
 }
 
-/// Per-request state: whether this response is rewritten, and the body so far.
+/// Where links are rewritten to.
+enum Public {
+    /// One public base.
+    Base(String),
+    /// An origin, followed by the request's FHIR base.
+    Origin(String),
+}
+
+/// Per-request state: whether this response is rewritten, to which public base, and the body
+/// so far.
 #[derive(Debug, Default)]
 pub struct LinkRewriteBuffer {
     pub active: bool,
+    pub public: String,
     pub body: Vec<u8>,
 }
 
@@ -71,7 +90,26 @@ pub fn build(
 ) -> std::result::Result<Arc<dyn Filter>, BuildError> {
     let c: FhirLinksConfig = parse_config(config)?;
     let backend = valid_base("config.backend_base", &c.backend_base)?;
-    let public = valid_base("config.public_base", &c.public_base)?;
+    let public = match (&c.public_base, &c.public_origin) {
+        (Some(b), None) => Public::Base(valid_base("config.public_base", b)?),
+        (None, Some(o)) => {
+            let o = valid_base("config.public_origin", o)?;
+            let authority = o.split_once("://").map(|(_, a)| a).unwrap_or("");
+            if authority.contains('/') {
+                return Err(BuildError::new(
+                    "config.public_origin",
+                    "give scheme and host only (the path comes from the route); or use public_base",
+                ));
+            }
+            Public::Origin(o)
+        }
+        _ => {
+            return Err(BuildError::new(
+                "config",
+                "give exactly one of public_base and public_origin",
+            ))
+        }
+    };
     if c.max_body_bytes == 0 {
         return Err(BuildError::new("config.max_body_bytes", "must be positive"));
     }
@@ -90,18 +128,30 @@ fn boundary_ok(next: Option<&u8>) -> bool {
 }
 
 impl FhirLinksFilter {
-    /// Rewrite a URL that starts with the backend base.
-    pub fn rewrite_url(&self, url: &str) -> Option<String> {
+    /// The public base of this request: the configured one, or the origin followed by the
+    /// route's FHIR base (`None` on a route without one: nothing is rewritten).
+    fn public_for(&self, ctx: &RequestCtx) -> Option<String> {
+        match &self.public {
+            Public::Base(b) => Some(b.clone()),
+            Public::Origin(o) => ctx
+                .fhir_base
+                .as_deref()
+                .map(|p| format!("{o}{}", p.trim_end_matches('/'))),
+        }
+    }
+
+    /// Rewrite a URL that starts with the backend base to start with `public`.
+    pub fn rewrite_url(&self, url: &str, public: &str) -> Option<String> {
         let rest = url.strip_prefix(self.backend.as_str())?;
         if !boundary_ok(rest.as_bytes().first()) {
             return None;
         }
-        Some(format!("{}{rest}", self.public))
+        Some(format!("{public}{rest}"))
     }
 
-    /// Rewrite every JSON string that starts with the backend base. Bytes outside those string
-    /// prefixes are copied unchanged.
-    pub fn rewrite_body(&self, body: &[u8]) -> Vec<u8> {
+    /// Rewrite every JSON string that starts with the backend base to start with `public`.
+    /// Bytes outside those string prefixes are copied unchanged.
+    pub fn rewrite_body(&self, body: &[u8], public: &str) -> Vec<u8> {
         let needle = format!("\"{}", self.backend);
         let needle = needle.as_bytes();
         let mut out = Vec::with_capacity(body.len());
@@ -112,7 +162,7 @@ impl FhirLinksFilter {
                 && !escaped_quote(body, i)
             {
                 out.push(b'"');
-                out.extend_from_slice(self.public.as_bytes());
+                out.extend_from_slice(public.as_bytes());
                 i += needle.len();
             } else {
                 out.push(body[i]);
@@ -156,12 +206,15 @@ impl Filter for FhirLinksFilter {
     }
 
     fn response_filter(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let Some(public) = self.public_for(ctx) else {
+            return Ok(());
+        };
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let new = resp
                 .headers
                 .get(&name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| self.rewrite_url(v))
+                .and_then(|v| self.rewrite_url(v, &public))
                 .and_then(|v| HeaderValue::from_str(&v).ok());
             if let Some(v) = new {
                 let _ = resp.insert_header(name, v);
@@ -175,6 +228,7 @@ impl Filter for FhirLinksFilter {
             if let Some(b) = ctx.facts.get_mut::<LinkRewriteBuffer>(writers::FhirLinks) {
                 // The hooks ran before on this request (an error reply after a response).
                 b.active = true;
+                b.public = public;
                 b.body.clear();
                 return Ok(());
             }
@@ -183,6 +237,7 @@ impl Filter for FhirLinksFilter {
                     writers::FhirLinks,
                     LinkRewriteBuffer {
                         active: true,
+                        public,
                         body: Vec::new(),
                     },
                 )
@@ -217,7 +272,7 @@ impl Filter for FhirLinksFilter {
         if end_of_stream {
             let body = std::mem::take(&mut buf.body);
             buf.active = false;
-            *chunk = Some(Bytes::from(self.rewrite_body(&body)));
+            *chunk = Some(Bytes::from(self.rewrite_body(&body, &buf.public)));
         }
         Ok(())
     }
@@ -231,7 +286,7 @@ mod tests {
     fn filter() -> FhirLinksFilter {
         FhirLinksFilter {
             backend: "http://10.0.0.5:8080/fhir".into(),
-            public: "https://api.example.org/r4".into(),
+            public: Public::Base("https://api.example.org/r4".into()),
             max: 1 << 20,
         }
     }
@@ -242,7 +297,7 @@ mod tests {
         let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"http://10.0.0.5:8080/fhir/Patient?_count=1&_offset=1"}],
  "entry":[{"fullUrl":"http://10.0.0.5:8080/fhir/Patient/1","resource":{"resourceType":"Patient","id":"1","note":"see http://10.0.0.5:8080/fhir/x",
  "other":"http://10.0.0.5:8080/fhirx/1","esc":"a\"http://10.0.0.5:8080/fhir/1","n":1.50}}]}"#;
-        let out = String::from_utf8(f.rewrite_body(body)).unwrap();
+        let out = String::from_utf8(f.rewrite_body(body, "https://api.example.org/r4")).unwrap();
         assert!(out.contains(r#""url":"https://api.example.org/r4/Patient?_count=1&_offset=1""#));
         assert!(out.contains(r#""fullUrl":"https://api.example.org/r4/Patient/1""#));
         // Only string values that START with the base; not a longer path; not inside a string.
@@ -284,6 +339,49 @@ mod tests {
             assert_eq!(
                 &b.unwrap()[..],
                 br#"{"fullUrl":"https://api.example.org/r4/Patient/9"}"#
+            );
+        }
+    }
+
+    #[test]
+    fn an_origin_follows_the_route_each_request_came_by() {
+        let f = FhirLinksFilter {
+            backend: "http://10.0.0.5:8080/fhir".into(),
+            public: Public::Origin("https://api.example.org".into()),
+            max: 1 << 20,
+        };
+        for base in ["/v1/fhir", "/v2/fhir"] {
+            let mut ctx = RequestCtx::for_test("GET", &format!("{base}/Patient"));
+            ctx.host().fhir_base = Some(base.to_string());
+            let mut r = ResponseHeader::build(200, None).unwrap();
+            r.insert_header("content-type", "application/fhir+json")
+                .unwrap();
+            f.response_filter(&mut r, &mut ctx).unwrap();
+            let mut b = Some(Bytes::from_static(
+                br#"{"fullUrl":"http://10.0.0.5:8080/fhir/Patient/9"}"#,
+            ));
+            f.response_body_filter(&mut b, true, &mut ctx).unwrap();
+            assert_eq!(
+                String::from_utf8(b.unwrap().to_vec()).unwrap(),
+                format!(r#"{{"fullUrl":"https://api.example.org{base}/Patient/9"}}"#)
+            );
+        }
+        // No FHIR base (not a FHIR route): nothing is touched.
+        let mut ctx = RequestCtx::for_test("GET", "/x");
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.insert_header("content-type", "application/json").unwrap();
+        f.response_filter(&mut r, &mut ctx).unwrap();
+        assert!(ctx.facts.get::<LinkRewriteBuffer>().is_none());
+        // Exactly one of the two; an origin has no path.
+        let cx = BuildContext::default();
+        for bad in [
+            "{backend_base: http://b/fhir}",
+            "{backend_base: http://b/fhir, public_base: https://a/fhir, public_origin: https://a}",
+            "{backend_base: http://b/fhir, public_origin: https://a/fhir}",
+        ] {
+            assert!(
+                build(serde_yaml::from_str(bad).unwrap(), &cx).is_err(),
+                "{bad}"
             );
         }
     }

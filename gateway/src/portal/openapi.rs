@@ -8,7 +8,7 @@ use super::fetch::CapSummary;
 use crate::apis::{http_date, Effective, VersionSelect, Versioning};
 use crate::config::{Config, RouteConfig};
 use caregate_filters::builtin::jwt_auth::{JwtAuthConfig, SourceMode};
-use caregate_filters::{Environment, FilterSpec};
+use caregate_filters::{Channel, Environment, FilterSpec};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -56,15 +56,30 @@ fn portal_env(cfg: &Config) -> Environment {
         .unwrap_or_default()
 }
 
+/// The channel of a listener (by name); internal when unknown, so nothing is shown by mistake.
+fn channel_of(cfg: &Config, listener: &str) -> Channel {
+    cfg.listeners
+        .iter()
+        .find(|l| l.name == listener)
+        .map(|l| l.channel)
+        .unwrap_or(Channel::Internal)
+}
+
 /// The routes the document describes, routes of the portal's own listener first, each with
 /// its API version's state now. Skipped: the portal's route, HL7 routes, retired versions,
-/// drafts unless the portal is on a sandbox listener.
+/// drafts unless the portal is on a sandbox listener, and, on a portal served on a public
+/// listener, the routes of internal listeners (internal APIs are not described to the
+/// internet).
 pub fn documented_routes(cfg: &Config, now: i64) -> Vec<(&RouteConfig, Option<Effective>)> {
     let portal_listener = cfg.portal.as_ref().map(|p| p.listener.as_str());
     let sandbox_portal = portal_env(cfg) == Environment::Sandbox;
+    let public_portal = portal_listener.is_some_and(|l| channel_of(cfg, l) == Channel::Public);
     let mut out: Vec<(&RouteConfig, Option<Effective>)> = Vec::new();
     for r in &cfg.routes {
         if r.portal || r.hl7 {
+            continue;
+        }
+        if public_portal && channel_of(cfg, &r.listener) == Channel::Internal {
             continue;
         }
         let eff = r.api.as_ref().map(|b| b.lifecycle.evaluate(now));

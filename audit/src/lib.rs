@@ -198,6 +198,7 @@
 //! report --break-glass`, the next-day review), from a trail that verified: it runs
 //! [`verify_files`] first and refuses a trail that fails; see [`mod@report`].
 
+pub mod calendar;
 mod chain;
 mod config;
 pub mod fhir;

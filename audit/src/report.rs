@@ -1052,14 +1052,7 @@ fn parse_date(b: &[u8]) -> Option<i64> {
     if d < 1 || d > days_in_month {
         return None;
     }
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146_097 + doe - 719_468)
+    Some(crate::calendar::days_from_civil(y, m, d))
 }
 
 /// RFC 3339 date-time to milliseconds since the epoch (fractions beyond milliseconds are cut).

@@ -279,37 +279,8 @@ mod tests {
     }
 }
 
-/// The civil date (year, month 1-12, day 1-31) of a count of days since 1970-01-01 (Howard
-/// Hinnant's algorithm).
-pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    (year, month, day)
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time since the epoch.
-pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time since the epoch (the audit trail's format).
+pub use caregate_audit::format_rfc3339_millis as rfc3339_millis;
 
 #[cfg(test)]
 mod time_tests {

@@ -175,7 +175,7 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
     if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) {
         return Err(bad());
     }
-    let mut secs = days_from_civil(y, mo, d) * 86_400;
+    let mut secs = caregate_audit::calendar::days_from_civil(y, mo, d) * 86_400;
     if b.len() == 10 {
         return Ok(secs);
     }
@@ -227,22 +227,11 @@ fn days_in_month(y: i64, m: i64) -> i64 {
     }
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), as RFC 8594's `Sunset` wants.
 pub fn http_date(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = crate::access_log::civil_from_days(days);
+    let (y, m, d) = caregate_audit::calendar::civil_from_days(days);
     let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
     let mon = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -322,7 +311,7 @@ pub struct Lifecycle {
 /// What the lifecycle says of one request at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effective {
-    Draft,
+    Draft = 0,
     Preview,
     Live,
     Deprecated,
@@ -362,9 +351,16 @@ impl Lifecycle {
     /// The response header fields of a version in state `eff`: `Deprecation`, `Sunset` and
     /// `Link`. Empty for a live version without dates.
     pub fn headers(&self, eff: Effective) -> Vec<(&'static str, String)> {
+        self.header_fields(self.announced(eff))
+    }
+
+    /// Whether the responses of a version in state `eff` announce its deprecation.
+    fn announced(&self, eff: Effective) -> bool {
+        matches!(eff, Effective::Deprecated | Effective::Retired) || self.deprecated_at.is_some()
+    }
+
+    fn header_fields(&self, deprecated: bool) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        let deprecated = matches!(eff, Effective::Deprecated | Effective::Retired)
-            || self.deprecated_at.is_some();
         if deprecated {
             // RFC 9745: a Structured Field Date; a future date announces the deprecation.
             match self.deprecated_at {
@@ -412,9 +408,61 @@ pub struct ApiBinding {
     pub lifecycle: Lifecycle,
     /// The environment of the listener this copy is on.
     pub environment: Environment,
+    /// [`Lifecycle::headers`] as header values, built once: without and with the deprecation
+    /// announced.
+    response_headers: [Vec<(&'static str, http::HeaderValue)>; 2],
+    /// This version's `caregate_api_requests_total` series, per state, looked up once.
+    counters: [std::sync::OnceLock<prometheus::IntCounter>; 5],
 }
 
 impl ApiBinding {
+    fn new(
+        api: &str,
+        version: &str,
+        (api_index, version_index): (usize, usize),
+        template: String,
+        select: VersionSelect,
+        lifecycle: Lifecycle,
+        environment: Environment,
+    ) -> ApiBinding {
+        let values = |announced: bool| {
+            lifecycle
+                .header_fields(announced)
+                .into_iter()
+                .filter_map(|(n, v)| http::HeaderValue::from_str(&v).ok().map(|v| (n, v)))
+                .collect()
+        };
+        ApiBinding {
+            api: Arc::from(api),
+            version: Arc::from(version),
+            api_index,
+            version_index,
+            template,
+            select,
+            response_headers: [values(false), values(true)],
+            lifecycle,
+            environment,
+            counters: Default::default(),
+        }
+    }
+
+    /// The lifecycle header fields of a response in state `eff`.
+    pub fn response_headers(&self, eff: Effective) -> &[(&'static str, http::HeaderValue)] {
+        &self.response_headers[usize::from(self.lifecycle.announced(eff))]
+    }
+
+    /// The `caregate_api_requests_total` series of this version in state `eff`.
+    pub fn requests(&self, eff: Effective) -> &prometheus::IntCounter {
+        self.counters[eff as usize].get_or_init(|| {
+            crate::metrics::API_REQUESTS.with_label_values(&[
+                &self.api,
+                &self.version,
+                eff.as_str(),
+                self.environment.as_str(),
+            ])
+        })
+    }
+
     /// Whether this version serves a request that asked for `req` (routes at the same prefix).
     pub fn matches(&self, req: &RequestedVersion) -> bool {
         match &self.select {
@@ -638,14 +686,13 @@ pub fn expand(
                     _ => r.path_prefix.clone(),
                 });
                 let docs = v.docs.clone().or_else(|| api.docs.clone());
-                c.api = Some(Arc::new(ApiBinding {
-                    api: Arc::from(api.name.as_str()),
-                    version: Arc::from(v.name.as_str()),
-                    api_index: ai,
-                    version_index: vi,
-                    template: r.name.clone(),
+                c.api = Some(Arc::new(ApiBinding::new(
+                    &api.name,
+                    &v.name,
+                    (ai, vi),
+                    r.name.clone(),
                     select,
-                    lifecycle: Lifecycle {
+                    Lifecycle {
                         state: v.state,
                         deprecated_at: v.deprecated_at,
                         sunset: v.sunset,
@@ -655,7 +702,7 @@ pub fn expand(
                         preview_roles: v.preview_roles.clone(),
                     },
                     environment,
-                }));
+                )));
                 out.push(c);
             }
         }

@@ -19,7 +19,7 @@
 //! [`RequestCtx::require_whole_exchange`]: caregate_filters::RequestCtx::require_whole_exchange
 
 use crate::metrics;
-use crate::proxy::{request_has_body, set_request_id, Ctx, Gateway, MetricsSink};
+use crate::proxy::{request_has_body, set_gateway_headers, Ctx, Gateway, MetricsSink};
 use crate::retry;
 use bytes::{Bytes, BytesMut};
 use caregate_filters::chain::{Chain, Verdict};
@@ -233,8 +233,7 @@ impl Gateway {
         if !(head || status == 204 || status == 304 || (100..200).contains(&status)) {
             resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         }
-        set_request_id(&mut resp, &ctx.req.request_id);
-        crate::proxy::set_api_headers(&mut resp, ctx);
+        set_gateway_headers(&mut resp, ctx);
         let empty = head || body.is_empty();
         session.write_response_header(Box::new(resp), empty).await?;
         if !empty {

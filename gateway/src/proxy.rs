@@ -225,8 +225,7 @@ impl Gateway {
         if let Some(route) = ctx.route.clone() {
             Chain::new(&route.filters, &MetricsSink).local_reply(&mut resp, &mut ctx.req);
         }
-        set_request_id(&mut resp, &ctx.req.request_id);
-        set_api_headers(&mut resp, ctx);
+        set_gateway_headers(&mut resp, ctx);
         if request_has_body(session) || reply.status.is_server_error() {
             // Never leave an unread body (or a doubtful connection) to be parsed as the next
             // request.
@@ -496,9 +495,7 @@ impl Gateway {
             ctx.req.host().api_version = Some((b.api.clone(), b.version.clone()));
             let eff = b.lifecycle.evaluate(crate::apis::unix_now());
             ctx.api_state = Some(eff);
-            metrics::API_REQUESTS
-                .with_label_values(&[&b.api, &b.version, eff.as_str(), b.environment.as_str()])
-                .inc();
+            b.requests(eff).inc();
             if eff == crate::apis::Effective::Retired {
                 ctx.route = Some(route.clone());
                 Self::record_gateway_denial(ctx, "api_sunset");
@@ -1188,20 +1185,21 @@ fn set_identity_headers(req: &mut pingora::http::RequestHeader, ctx: &RequestCtx
     Ok(())
 }
 
-/// The lifecycle header fields of the request's API version (`Deprecation`, `Sunset`,
-/// `Link`), on every response of a deprecated, sunsetting or retired version.
-pub(crate) fn set_api_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
+/// What the gateway adds to every response it sends (proxied, whole exchange or local reply):
+/// `X-Request-Id`, and the lifecycle header fields of the request's API version
+/// (`Deprecation`, `Sunset`, `Link`) on every response of a deprecated, sunsetting or retired
+/// version.
+pub(crate) fn set_gateway_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
+    set_request_id(resp, &ctx.req.request_id);
     let (Some(route), Some(eff)) = (&ctx.route, ctx.api_state) else {
         return;
     };
     let Some(b) = &route.api else { return };
-    for (name, value) in b.lifecycle.headers(eff) {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            if name == "link" {
-                let _ = resp.append_header(name, v);
-            } else {
-                let _ = resp.insert_header(name, v);
-            }
+    for (name, value) in b.response_headers(eff) {
+        if *name == "link" {
+            let _ = resp.append_header(*name, value.clone());
+        } else {
+            let _ = resp.insert_header(*name, value.clone());
         }
     }
 }
@@ -1226,7 +1224,7 @@ fn preview_refusal(route: &Route, ctx: &mut Ctx) -> Option<LocalReply> {
     ))
 }
 
-pub(crate) fn set_request_id(resp: &mut ResponseHeader, id: &str) {
+fn set_request_id(resp: &mut ResponseHeader, id: &str) {
     if let Ok(v) = HeaderValue::from_str(id) {
         let _ = resp.insert_header("x-request-id", v);
     }
@@ -1502,8 +1500,7 @@ impl ProxyHttp for Gateway {
                 );
             }
         }
-        set_request_id(upstream_response, &ctx.req.request_id);
-        set_api_headers(upstream_response, ctx);
+        set_gateway_headers(upstream_response, ctx);
         Ok(())
     }
 

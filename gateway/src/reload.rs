@@ -134,12 +134,7 @@ impl Generation {
         let now = crate::apis::unix_now();
         for r in &cfg.routes {
             if let Some(b) = &r.api {
-                metrics::API_REQUESTS.with_label_values(&[
-                    &b.api,
-                    &b.version,
-                    b.lifecycle.evaluate(now).as_str(),
-                    b.environment.as_str(),
-                ]);
+                b.requests(b.lifecycle.evaluate(now));
             }
         }
         let portal = match &cfg.portal {

@@ -9,7 +9,7 @@
 use super::config::Hl7RouteConfig;
 use crate::config::PoolProtocol;
 use crate::reload::{Generation, Live};
-use crate::upstream::Pool;
+use crate::upstream::{Pick, Pool};
 use caregate_audit::{AuditRecord, AuditSink, Hl7Message, Hl7PatientId, Phase};
 use caregate_filters::identity::PeerCertificate;
 use caregate_filters::Channel;
@@ -20,6 +20,7 @@ use caregate_hl7::{
 use once_cell::sync::Lazy;
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
+use pingora::upstreams::peer::HttpPeer;
 use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -274,16 +275,7 @@ impl Engine {
             ])
             .inc();
         let err = AckError::new(ErrorCode::ApplicationInternalError, text);
-        let id = own_control_id();
-        let ts = hl7_timestamp();
-        Handled {
-            ack: build_ack_unreadable(
-                &AckParams::new(AckCode::AE, &id, &ts).with_error(&err),
-                "2.5",
-            ),
-            code: AckCode::AE,
-            outcome: Outcome::Malformed,
-        }
+        own_ack(AckCode::AE, &err, Outcome::Malformed)
     }
 
     async fn run(
@@ -654,27 +646,9 @@ impl Engine {
     /// The first backend that accepts a connection; a failed connect goes on to the next
     /// (nothing was sent).
     async fn connect(&self, pool: &Arc<Pool>) -> Result<(SocketAddr, Stream), Failure> {
-        let mut tried = Vec::new();
-        let limit = pool.max_attempts.max(1) + pool.zones.len();
-        while tried.len() < limit {
-            let Some(pick) = pool.pick(&tried) else {
-                break;
-            };
-            let peer = pool.peer(pick.addr);
-            match self.l4.new_stream(&*peer).await {
-                Ok(s) => return Ok((pick.addr, s)),
-                Err(e) => {
-                    log::warn!(
-                        "hl7: pool {} backend {}: connect failed: {e}",
-                        pool.name,
-                        pick.addr
-                    );
-                    backend_failed(pool, pick.zone, pick.addr, Instant::now());
-                    tried.push(pick.addr);
-                }
-            }
-        }
-        Err(Failure::Unavailable)
+        let (pick, _, stream) =
+            connect_first(pool, |peer| async move { self.l4.new_stream(&*peer).await }).await?;
+        Ok((pick.addr, stream))
     }
 
     /// POST the message to an HTTP pool; the response body is the acknowledgement.
@@ -686,85 +660,102 @@ impl Engine {
         frame: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, Failure> {
-        let mut tried = Vec::new();
-        let limit = pool.max_attempts.max(1) + pool.zones.len();
-        while tried.len() < limit {
-            let Some(pick) = pool.pick(&tried) else {
-                break;
-            };
-            let peer = pool.peer(pick.addr);
-            let mut http = match self.http.get_http_session(&*peer).await {
-                Ok((h, _)) => h,
-                Err(e) => {
-                    log::warn!(
-                        "hl7: pool {} backend {}: connect failed: {e}",
-                        pool.name,
-                        pick.addr
-                    );
-                    backend_failed(pool, pick.zone, pick.addr, Instant::now());
-                    tried.push(pick.addr);
-                    continue;
-                }
-            };
-            http.set_read_timeout(Some(timeout));
-            http.set_write_timeout(peer.options.write_timeout);
-            let req =
-                http_request(pool, route, origin, frame.len()).map_err(|_| Failure::BadAck)?;
-            let body = bytes::Bytes::copy_from_slice(frame);
-            let exchange = async {
-                http.write_request_header(Box::new(req)).await?;
-                http.write_request_body(body, true).await?;
-                http.finish_request_body().await?;
-                let status = loop {
-                    http.read_response_header().await?;
-                    match http.response_header() {
-                        Some(h) if h.status.is_informational() => continue,
-                        Some(h) => break h.status.as_u16(),
-                        None => {
-                            return pingora::Error::e_explain(
-                                pingora::ErrorType::InvalidHTTPHeader,
-                                "no response header",
-                            )
-                        }
-                    }
-                };
-                let mut buf = Vec::new();
-                while let Some(chunk) = http.read_response_body().await? {
-                    if buf.len() + chunk.len() > MAX_ACK_BYTES {
+        let (pick, peer, (mut http, _)) = connect_first(pool, |peer| async move {
+            self.http.get_http_session(&*peer).await
+        })
+        .await?;
+        http.set_read_timeout(Some(timeout));
+        http.set_write_timeout(peer.options.write_timeout);
+        let req = http_request(pool, route, origin, frame.len()).map_err(|_| Failure::BadAck)?;
+        let body = bytes::Bytes::copy_from_slice(frame);
+        let exchange = async {
+            http.write_request_header(Box::new(req)).await?;
+            http.write_request_body(body, true).await?;
+            http.finish_request_body().await?;
+            let status = loop {
+                http.read_response_header().await?;
+                match http.response_header() {
+                    Some(h) if h.status.is_informational() => continue,
+                    Some(h) => break h.status.as_u16(),
+                    None => {
                         return pingora::Error::e_explain(
                             pingora::ErrorType::InvalidHTTPHeader,
-                            "acknowledgement too large",
-                        );
+                            "no response header",
+                        )
                     }
-                    buf.extend_from_slice(&chunk);
                 }
-                Ok::<_, Box<pingora::Error>>((status, buf))
             };
-            let result = tokio::time::timeout(timeout, exchange).await;
-            http.shutdown().await;
-            let now = Instant::now();
-            return match result {
-                Ok(Ok((status, body))) => {
-                    if status < 500 {
-                        pool.outlier.success(pick.zone, pick.addr, now);
-                    } else {
-                        backend_failed(pool, pick.zone, pick.addr, now);
-                    }
-                    // A non-2xx answer counts only when it still is this message's ACK.
-                    if (200..300).contains(&status) || parse_ack(&body).is_ok() {
-                        Ok(body)
-                    } else {
-                        Err(Failure::BadAck)
-                    }
+            let mut buf = Vec::new();
+            while let Some(chunk) = http.read_response_body().await? {
+                if buf.len() + chunk.len() > MAX_ACK_BYTES {
+                    return pingora::Error::e_explain(
+                        pingora::ErrorType::InvalidHTTPHeader,
+                        "acknowledgement too large",
+                    );
                 }
-                Ok(Err(_)) | Err(_) => {
+                buf.extend_from_slice(&chunk);
+            }
+            Ok::<_, Box<pingora::Error>>((status, buf))
+        };
+        let result = tokio::time::timeout(timeout, exchange).await;
+        http.shutdown().await;
+        let now = Instant::now();
+        match result {
+            Ok(Ok((status, body))) => {
+                if status < 500 {
+                    pool.outlier.success(pick.zone, pick.addr, now);
+                } else {
                     backend_failed(pool, pick.zone, pick.addr, now);
-                    Err(Failure::NoAck)
                 }
-            };
+                // A non-2xx answer counts only when it still is this message's ACK.
+                if (200..300).contains(&status) || parse_ack(&body).is_ok() {
+                    Ok(body)
+                } else {
+                    Err(Failure::BadAck)
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                backend_failed(pool, pick.zone, pick.addr, now);
+                Err(Failure::NoAck)
+            }
         }
-        Err(Failure::Unavailable)
     }
+}
+
+/// The first backend of `pool` that takes a connection, in failover order (zones by priority,
+/// outlier ejection respected), with `connect` (an MLLP stream or an HTTP session): at most
+/// `max_attempts` plus one try per zone. A failed connect counts against its backend and the
+/// next one is tried: nothing was sent yet, so that is always safe.
+async fn connect_first<T, E, F, Fut>(
+    pool: &Arc<Pool>,
+    mut connect: F,
+) -> Result<(Pick, Box<HttpPeer>, T), Failure>
+where
+    E: std::fmt::Display,
+    F: FnMut(Box<HttpPeer>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tried = Vec::new();
+    let limit = pool.max_attempts.max(1) + pool.zones.len();
+    while tried.len() < limit {
+        let Some(pick) = pool.pick(&tried) else {
+            break;
+        };
+        let peer = pool.peer(pick.addr);
+        match connect(peer.clone()).await {
+            Ok(t) => return Ok((pick, peer, t)),
+            Err(e) => {
+                log::warn!(
+                    "hl7: pool {} backend {}: connect failed: {e}",
+                    pool.name,
+                    pick.addr
+                );
+                backend_failed(pool, pick.zone, pick.addr, Instant::now());
+                tried.push(pick.addr);
+            }
+        }
+    }
+    Err(Failure::Unavailable)
 }
 
 fn http_request(
@@ -874,34 +865,31 @@ fn is_batch(frame: &[u8]) -> bool {
 /// `AR` for a batch envelope, which is not taken here: the sender can resend its messages one
 /// by one.
 fn batch_refused() -> Handled {
-    let id = own_control_id();
-    let ts = hl7_timestamp();
     let err = AckError::new(
         ErrorCode::UnsupportedMessageType,
         "batches (FHS/BHS) are not taken here; send their messages one by one",
     );
-    Handled {
-        ack: build_ack_unreadable(
-            &AckParams::new(AckCode::AR, &id, &ts).with_error(&err),
-            "2.5",
-        ),
-        code: AckCode::AR,
-        outcome: Outcome::Refused,
-    }
+    own_ack(AckCode::AR, &err, Outcome::Refused)
 }
 
 /// `AE` for a message that does not parse.
 fn unreadable_message(e: &ParseError) -> Handled {
+    own_ack(
+        AckCode::AE,
+        &AckError::from_parse_error(e),
+        Outcome::Malformed,
+    )
+}
+
+/// The gateway's own acknowledgement `code` with `err`, for a message it could not read far
+/// enough to echo (a fresh control id, HL7 v2.5).
+fn own_ack(code: AckCode, err: &AckError, outcome: Outcome) -> Handled {
     let id = own_control_id();
     let ts = hl7_timestamp();
-    let err = AckError::from_parse_error(e);
     Handled {
-        ack: build_ack_unreadable(
-            &AckParams::new(AckCode::AE, &id, &ts).with_error(&err),
-            "2.5",
-        ),
-        code: AckCode::AE,
-        outcome: Outcome::Malformed,
+        ack: build_ack_unreadable(&AckParams::new(code, &id, &ts).with_error(err), "2.5"),
+        code,
+        outcome,
     }
 }
 

@@ -313,57 +313,50 @@ fn public_serving_routes<'a>(ctx: &'a Ctx<'a>) -> Vec<(usize, &'a RouteConfig)> 
 }
 
 fn public_route_authenticated(ctx: &Ctx<'_>) -> Vec<Raw> {
-    let rule = "public-route-authenticated";
-    let mut out = RouteFindings::default();
-    for (ri, r) in public_serving_routes(ctx) {
-        let chain = ctx.chain(ri, r);
-        let authenticates =
-            |f: &&Arc<dyn Filter>| f.declaration().provides.contains(&Capability::Principal);
-        if chain
-            .iter()
-            .any(|f| authenticates(f) && f.mode() != Mode::Off)
-        {
-            continue;
-        }
-        let name = ctx.origin(r).name;
-        let message = if let Some(f) = chain.iter().find(|f| authenticates(f)) {
-            format!(
-                "route `{name}` on public listener `{}` does not authenticate its callers: its `{}` is in mode off",
-                r.listener,
-                f.kind()
-            )
-        } else {
-            format!(
-                "route `{name}` on public listener `{}` does not authenticate its callers: no `jwt_auth` (or other filter providing the verified caller) on the route or the listener",
-                r.listener
-            )
-        };
-        out.add(ctx, r, rule, message);
-    }
-    out.finish()
+    public_routes_need(
+        ctx,
+        "public-route-authenticated",
+        |f| f.declaration().provides.contains(&Capability::Principal),
+        "does not authenticate its callers",
+        "no `jwt_auth` (or other filter providing the verified caller) on the route or the listener",
+    )
 }
 
 fn public_route_rate_limited(ctx: &Ctx<'_>) -> Vec<Raw> {
-    let rule = "public-route-rate-limited";
+    public_routes_need(
+        ctx,
+        "public-route-rate-limited",
+        |f| f.kind() == "rate_limit",
+        "is not rate-limited",
+        "no `rate_limit` on the route or the listener",
+    )
+}
+
+/// A finding of `rule` for every serving public route whose chain (listener and route filters)
+/// has no filter that `wanted` accepts in a mode other than `off`: `what` the route lacks, and
+/// why (`none`: no such filter at all; else the filter is off).
+fn public_routes_need(
+    ctx: &Ctx<'_>,
+    rule: &'static str,
+    wanted: impl Fn(&Arc<dyn Filter>) -> bool,
+    what: &str,
+    none: &str,
+) -> Vec<Raw> {
     let mut out = RouteFindings::default();
     for (ri, r) in public_serving_routes(ctx) {
         let chain = ctx.chain(ri, r);
-        let limits = |f: &&Arc<dyn Filter>| f.kind() == "rate_limit";
-        if chain.iter().any(|f| limits(f) && f.mode() != Mode::Off) {
+        if chain.iter().any(|f| wanted(f) && f.mode() != Mode::Off) {
             continue;
         }
         let name = ctx.origin(r).name;
-        let message = if chain.iter().any(|f| f.kind() == "rate_limit") {
-            format!(
-                "route `{name}` on public listener `{}` is not rate-limited: its `rate_limit` is in mode off",
-                r.listener
-            )
-        } else {
-            format!(
-                "route `{name}` on public listener `{}` is not rate-limited: no `rate_limit` on the route or the listener",
-                r.listener
-            )
+        let why = match chain.iter().find(|f| wanted(f)) {
+            Some(f) => format!("its `{}` is in mode off", f.kind()),
+            None => none.to_string(),
         };
+        let message = format!(
+            "route `{name}` on public listener `{}` {what}: {why}",
+            r.listener
+        );
         out.add(ctx, r, rule, message);
     }
     out.finish()
